@@ -1,0 +1,70 @@
+"""Scaled dot-product attention shared by the backbones, with optional prefixes (prefix tuning).
+
+Uses `jax.nn.dot_product_attention` (XLA's fused path) whenever no attention-probability
+dropout is active, and an explicit softmax otherwise, so that dropout can be applied to
+the probabilities as BERT does in training.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def build_mask(query_len: int, key_mask: jnp.ndarray, causal: bool, n_prefix: int = 0) -> jnp.ndarray:
+    """Boolean attention mask [B, 1, Tq, P+Tk]: True where a query may attend a key.
+
+    Args:
+      query_len: Tq.
+      key_mask: [B, Tk] 1 for real tokens, 0 for padding.
+      causal: also hide keys that come after the query (decoders).
+      n_prefix: P prefix keys that every query sees (prefix tuning).
+    """
+    b, tk = key_mask.shape
+    mask = key_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, Tk]
+    if causal:
+        offset = tk - query_len  # > 0 when a cache of earlier keys precedes the queries
+        q_pos = jnp.arange(query_len)[:, None] + offset
+        allowed = jnp.arange(tk)[None, :] <= q_pos  # [Tq, Tk]
+        mask = mask & allowed[None, None]
+    mask = jnp.broadcast_to(mask, (b, 1, query_len, tk))
+    if n_prefix:
+        mask = jnp.concatenate([jnp.ones((b, 1, query_len, n_prefix), bool), mask], axis=-1)
+    return mask
+
+
+def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
+           dropout_rate: float, deterministic: bool, module: nn.Module) -> jnp.ndarray:
+    """Multi-head attention with grouped-query support.
+
+    Args:
+      q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] with H a multiple of Hkv.
+      mask: bool [B, 1, T, S].
+      module: the calling module, whose 'dropout' rng stream feeds attention dropout.
+    Returns:
+      [B, T, H, Dh]
+    """
+    if deterministic or dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    h, hkv = q.shape[2], k.shape[2]
+    if h != hkv:  # grouped-query attention: repeat each key/value head for its group
+        k = jnp.repeat(k, h // hkv, axis=2)
+        v = jnp.repeat(v, h // hkv, axis=2)
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale  # [B, H, T, S]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+def with_prefix(k: jnp.ndarray, v: jnp.ndarray, prefix: Optional[tuple]) -> tuple:
+    """Prepends prefix keys/values ([B, P, Hkv, Dh] each) to k, v ([B, S, Hkv, Dh])."""
+    if prefix is None:
+        return k, v, 0
+    pk, pv = prefix
+    return (jnp.concatenate([pk.astype(k.dtype), k], axis=1),
+            jnp.concatenate([pv.astype(v.dtype), v], axis=1), pk.shape[1])

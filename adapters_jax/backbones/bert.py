@@ -1,0 +1,215 @@
+"""A BERT-family encoder (BERT, RoBERTa, MiniLM) in Flax linen, with named adapter sites.
+
+Post-LayerNorm blocks as in Devlin et al.; RoBERTa differs only in its position ids
+(offset past the padding index) and its config values. Parameter paths read like
+`encoder/layer_3/attention/query/kernel` and `encoder/layer_3/ffn_adapter/...`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from adapters_jax.backbones import sites
+from adapters_jax.backbones.attention import attend, build_mask, with_prefix
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Hyper-parameters of a BERT-family encoder (field names follow our code, not HF's)."""
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    pad_token_id: int = 0
+    roberta_positions: bool = False  # position ids start after pad_token_id, skip padding
+    add_pooler: bool = True
+    model_type: str = "bert"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "BertConfig":
+        """From a Hugging Face config.json dict (model_type bert, roberta, xlm-roberta)."""
+        model_type = hf.get("model_type", "bert")
+        if model_type not in ("bert", "roberta", "xlm-roberta"):
+            raise ValueError(f"config.json: model_type={model_type!r} is not a BERT-family encoder")
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"config.json: position_embedding_type={hf['position_embedding_type']!r} "
+                             "is not supported (only 'absolute')")
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 512),
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12), hidden_act=hf.get("hidden_act", "gelu"),
+            hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+            attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+            pad_token_id=hf.get("pad_token_id", 0) or 0,
+            roberta_positions=model_type != "bert", model_type=model_type)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 whatever the compute dtype.
+
+    Its output stays float32 in mixed precision, so the residual stream is carried in
+    float32 and only the matmul inputs are bf16 (this halves bf16 hidden-state error).
+    """
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y
+
+
+class BertEmbeddings(nn.Module):
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, attention_mask, deterministic: bool):
+        c = self.config
+        if c.roberta_positions:  # RoBERTa: positions count real tokens, starting past the pad id
+            real = (input_ids != c.pad_token_id).astype(jnp.int32)
+            position_ids = jnp.cumsum(real, axis=1) * real + c.pad_token_id
+        else:
+            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        emb = lambda n, name: nn.Embed(n, c.hidden_size, dtype=self.dtype, name=name,
+                                       embedding_init=nn.initializers.normal(0.02))
+        x = (emb(c.vocab_size, "word_embeddings")(input_ids)
+             + emb(c.max_position_embeddings, "position_embeddings")(position_ids)
+             + emb(c.type_vocab_size, "token_type_embeddings")(token_type_ids))  # [B, T, D]
+        x = LayerNorm(c.layer_norm_eps, self.dtype, name="norm")(x)
+        return nn.Dropout(c.hidden_dropout)(x, deterministic=deterministic)
+
+
+class BertAttention(nn.Module):
+    config: BertConfig
+    layer: int
+    filler: Optional[sites.SiteFiller] = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask, deterministic: bool):
+        c = self.config
+        b, t, d = x.shape
+        h, dh = c.num_heads, d // c.num_heads
+        dense = lambda site, feats: sites.dense(
+            self.filler, site, self.layer, features=feats, use_bias=True, dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.02), name=site)
+        q = dense(sites.QUERY, d)(x).reshape(b, t, h, dh)  # [B, T, H, Dh]
+        k = dense(sites.KEY, d)(x).reshape(b, t, h, dh)
+        v = dense(sites.VALUE, d)(x).reshape(b, t, h, dh)
+        prefix_factory = sites.lookup(self.filler, sites.ATTN_PREFIX, self.layer)
+        prefix = None if prefix_factory is None else prefix_factory(name=sites.ATTN_PREFIX)(b)
+        k, v, n_prefix = with_prefix(k, v, prefix)
+        mask = build_mask(t, key_mask, causal=False, n_prefix=n_prefix)
+        ctx = attend(q, k, v, mask, c.attention_dropout, deterministic, self).reshape(b, t, d)
+        out = dense(sites.ATTN_OUT, d)(ctx)
+        return nn.Dropout(c.hidden_dropout)(out, deterministic=deterministic)  # [B, T, D]
+
+
+class BertLayer(nn.Module):
+    """One post-LN block: attention -> [attn site] -> FFN -> [ffn site]."""
+    config: BertConfig
+    layer: int
+    filler: Optional[sites.SiteFiller] = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask, deterministic: bool):
+        c = self.config
+        attn = BertAttention(c, self.layer, self.filler, self.dtype, name="attention")(
+            x, key_mask, deterministic)
+        attn_norm = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_norm")
+        h = sites.activation(self.filler, sites.ATTN_OUTPUT, self.layer, attn, x, attn_norm,
+                             deterministic)  # [B, T, D]
+        dense = lambda site, feats: sites.dense(
+            self.filler, site, self.layer, features=feats, use_bias=True, dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.02), name=site)
+        y = ACTIVATIONS[c.hidden_act](dense(sites.FFN_IN, c.intermediate_size)(h))  # [B, T, F]
+        y = dense(sites.FFN_OUT, c.hidden_size)(y)
+        y = nn.Dropout(c.hidden_dropout)(y, deterministic=deterministic)
+        ffn_norm = LayerNorm(c.layer_norm_eps, self.dtype, name="ffn_norm")
+        return sites.activation(self.filler, sites.FFN_OUTPUT, self.layer, y, h, ffn_norm,
+                                deterministic)
+
+
+class BertEncoder(nn.Module):
+    config: BertConfig
+    filler: Optional[sites.SiteFiller] = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask, deterministic: bool, output_hidden_states: bool = False):
+        hidden = [x]
+        for i in range(self.config.num_layers):
+            x = BertLayer(self.config, i, self.filler, self.dtype, name=f"layer_{i}")(
+                x, key_mask, deterministic)
+            hidden.append(x)
+        return x, (tuple(hidden) if output_hidden_states else None)
+
+
+class BertModel(nn.Module):
+    """The encoder. Returns a dict with last_hidden_state [B, T', D], attention_mask [B, T']
+    (T' = T plus any prompt tokens), pooler_output [B, D] (if the config has a pooler), and
+    hidden_states (a tuple of L+1 arrays) when asked for.
+    """
+    config: BertConfig
+    filler: Optional[sites.SiteFiller] = None
+    dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
+                 deterministic: bool = True, output_hidden_states: bool = False):
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = BertEmbeddings(self.config, self.dtype, name="embeddings")(
+            input_ids, token_type_ids, attention_mask, deterministic)  # [B, T, D]
+        prompt = sites.lookup(self.filler, sites.EMBED_PROMPT, -1)
+        if prompt is not None:
+            x, attention_mask = prompt(name=sites.EMBED_PROMPT)(x, attention_mask)
+        x, hidden = BertEncoder(self.config, self.filler, self.dtype, name="encoder")(
+            x, attention_mask, deterministic, output_hidden_states)
+        out = {"last_hidden_state": x, "attention_mask": attention_mask}
+        if hidden is not None:
+            out["hidden_states"] = hidden
+        if self.config.add_pooler:
+            pooled = nn.Dense(self.config.hidden_size, dtype=self.dtype, name="pooler")(x[:, 0])
+            out["pooler_output"] = jnp.tanh(pooled)  # [B, D]
+        return out

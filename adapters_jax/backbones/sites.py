@@ -1,0 +1,73 @@
+"""Named adapter sites: the only contract between a backbone and the adapter zoo.
+
+A backbone never knows which adapter types exist. Each block asks a `SiteFiller` (any
+hashable callable `(site, layer) -> factory | None`) what fills each of its named sites,
+and gets back a module factory (flax's ModuleDef / functools.partial injection style) or
+None. With no filler every site is empty: no parameters and no extra computation.
+
+Site kinds and the call each filled site must support:
+
+* Activation sites wrap a sub-layer's "add & norm" (post-LN BERT) or residual add (pre-LN
+  Llama). The factory is called as `factory(name=SITE)` and the module as
+  `module(sublayer_out, sublayer_in, layer_norm, deterministic=...) -> hidden` where
+  `layer_norm` is the block's own norm module or None. The empty site computes
+  `layer_norm(sublayer_out + sublayer_in)` (or the plain sum when `layer_norm` is None).
+  Names: ATTN_OUTPUT ("attn_adapter", after attention) and FFN_OUTPUT ("ffn_adapter",
+  after the FFN). Parallel adapters (He et al.) fill the same two sites and read
+  `sublayer_in` as their input, so "beside attention" and "beside the FFN" are the same
+  hooks with another module; PARALLEL_SITES name them in specs.
+* Dense sites replace one nn.Dense. The factory is called with nn.Dense's keyword
+  arguments (features, use_bias, dtype, param_dtype, kernel_init, name) and must keep the
+  base parameters at `<name>/kernel` and `<name>/bias` (LoRA, IA3 subclass nn.Dense).
+* The attention site ATTN_PREFIX ("prefix"): the module is called as `module(batch)` and
+  returns (keys, values), each [B, P, H_kv, Dh], prepended to every head's keys/values.
+* The embedding site EMBED_PROMPT ("prompt"): `module(embeddings [B,T,D], mask [B,T])`
+  returns the extended (embeddings, mask).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+
+ATTN_OUTPUT = "attn_adapter"
+FFN_OUTPUT = "ffn_adapter"
+ACTIVATION_SITES = (ATTN_OUTPUT, FFN_OUTPUT)
+PARALLEL_SITES = {"attn_parallel": ATTN_OUTPUT, "ffn_parallel": FFN_OUTPUT}
+
+QUERY, KEY, VALUE, ATTN_OUT = "query", "key", "value", "attn_out"
+FFN_IN, FFN_GATE, FFN_OUT = "ffn_in", "ffn_gate", "ffn_out"
+DENSE_SITES = (QUERY, KEY, VALUE, ATTN_OUT, FFN_IN, FFN_GATE, FFN_OUT)
+
+ATTN_PREFIX = "prefix"
+EMBED_PROMPT = "prompt"
+ALL_SITES = ACTIVATION_SITES + DENSE_SITES + (ATTN_PREFIX, EMBED_PROMPT)
+
+# (site, layer) -> factory or None. layer is -1 for the model-level EMBED_PROMPT site.
+SiteFiller = Callable[[str, int], Optional[Callable[..., nn.Module]]]
+
+
+def lookup(filler: Optional[SiteFiller], site: str, layer: int):
+    """The factory for `site` in `layer`, or None when the site is empty."""
+    return None if filler is None else filler(site, layer)
+
+
+def dense(filler: Optional[SiteFiller], site: str, layer: int, **dense_kwargs: Any) -> nn.Module:
+    """An nn.Dense, or whatever fills this dense site, built with the same arguments."""
+    factory = lookup(filler, site, layer) or nn.Dense
+    return factory(**dense_kwargs)
+
+
+def add_and_norm(sublayer_out, sublayer_in, layer_norm):
+    """What an empty activation site computes."""
+    h = sublayer_out + sublayer_in
+    return h if layer_norm is None else layer_norm(h)
+
+
+def activation(filler: Optional[SiteFiller], site: str, layer: int, sublayer_out,
+               sublayer_in, layer_norm, deterministic: bool):
+    """Runs an activation site: the filled module, or the plain residual add & norm."""
+    factory = lookup(filler, site, layer)
+    if factory is None:
+        return add_and_norm(sublayer_out, sublayer_in, layer_norm)
+    return factory(name=site)(sublayer_out, sublayer_in, layer_norm, deterministic=deterministic)

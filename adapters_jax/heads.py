@@ -1,0 +1,70 @@
+"""Task heads that sit on a backbone's output dict.
+
+Every head reads `last_hidden_state` [B, T, D] and `attention_mask` [B, T] (the mask the
+backbone returns, which includes any prompt tokens) and is trained with the adapters.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+POOLINGS = ("cls", "mean", "pooler")
+
+
+def pool(outputs: dict, pooling: str) -> jnp.ndarray:
+    """[B, D] sentence vector: the first token, the masked mean, or BERT's tanh pooler."""
+    x, mask = outputs["last_hidden_state"], outputs["attention_mask"]
+    if pooling == "cls":
+        return x[:, 0]
+    if pooling == "mean":
+        m = mask.astype(jnp.float32)[..., None]  # [B, T, 1]
+        return (x.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    if pooling == "pooler":
+        if "pooler_output" not in outputs:
+            raise ValueError("head.pooling='pooler' but the backbone has no pooler; use 'cls' or 'mean'")
+        return outputs["pooler_output"]
+    raise ValueError(f"head.pooling={pooling!r} is not one of {POOLINGS}")
+
+
+class ClassificationHead(nn.Module):
+    """Sequence classification (num_labels > 1) or regression (num_labels == 1): [B, num_labels]."""
+    num_labels: int
+    pooling: str = "cls"
+    dropout: float = 0.1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, outputs: dict, deterministic: bool = True):
+        h = pool(outputs, self.pooling)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        logits = nn.Dense(self.num_labels, dtype=self.dtype, name="out",
+                          kernel_init=nn.initializers.normal(0.02))(h)
+        return logits.astype(jnp.float32)
+
+
+class TokenClassificationHead(nn.Module):
+    """One label per token: [B, T, num_labels]."""
+    num_labels: int
+    dropout: float = 0.1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, outputs: dict, deterministic: bool = True):
+        h = nn.Dropout(self.dropout)(outputs["last_hidden_state"], deterministic=deterministic)
+        return nn.Dense(self.num_labels, dtype=self.dtype, name="out",
+                        kernel_init=nn.initializers.normal(0.02))(h).astype(jnp.float32)
+
+
+class LMHead(nn.Module):
+    """Next-token logits [B, T, V]. Tied heads reuse the input embedding matrix passed in."""
+    vocab_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, outputs: dict, embedding: jnp.ndarray | None = None, deterministic: bool = True):
+        x = outputs["last_hidden_state"]
+        if embedding is not None:  # tied: [V, D]
+            return jnp.einsum("btd,vd->btv", x, embedding.astype(self.dtype)).astype(jnp.float32)
+        return nn.Dense(self.vocab_size, use_bias=False, dtype=self.dtype, name="out")(x).astype(jnp.float32)

