@@ -150,13 +150,13 @@ class BertLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool):
+    def __call__(self, x, key_mask, deterministic: bool, shared=None):
         c = self.config
         attn = BertAttention(c, self.layer, self.filler, self.dtype, name="attention")(
             x, key_mask, deterministic)
         attn_norm = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_norm")
         h = sites.activation(self.filler, sites.ATTN_OUTPUT, self.layer, attn, x, attn_norm,
-                             deterministic)  # [B, T, D]
+                             deterministic, shared)  # [B, T, D]
         dense = lambda site, feats: sites.dense(
             self.filler, site, self.layer, features=feats, use_bias=True, dtype=self.dtype,
             kernel_init=nn.initializers.normal(0.02), name=site)
@@ -165,7 +165,7 @@ class BertLayer(nn.Module):
         y = nn.Dropout(c.hidden_dropout)(y, deterministic=deterministic)
         ffn_norm = LayerNorm(c.layer_norm_eps, self.dtype, name="ffn_norm")
         return sites.activation(self.filler, sites.FFN_OUTPUT, self.layer, y, h, ffn_norm,
-                                deterministic)
+                                deterministic, shared)
 
 
 class BertEncoder(nn.Module):
@@ -174,11 +174,12 @@ class BertEncoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool, output_hidden_states: bool = False):
+    def __call__(self, x, key_mask, deterministic: bool, output_hidden_states: bool = False,
+                 shared=None):
         hidden = [x]
         for i in range(self.config.num_layers):
             x = BertLayer(self.config, i, self.filler, self.dtype, name=f"layer_{i}")(
-                x, key_mask, deterministic)
+                x, key_mask, deterministic, shared)
             hidden.append(x)
         return x, (tuple(hidden) if output_hidden_states else None)
 
@@ -205,7 +206,7 @@ class BertModel(nn.Module):
         if prompt is not None:
             x, attention_mask = prompt(name=sites.EMBED_PROMPT)(x, attention_mask)
         x, hidden = BertEncoder(self.config, self.filler, self.dtype, name="encoder")(
-            x, attention_mask, deterministic, output_hidden_states)
+            x, attention_mask, deterministic, output_hidden_states, sites.shared(self.filler))
         out = {"last_hidden_state": x, "attention_mask": attention_mask}
         if hidden is not None:
             out["hidden_states"] = hidden

@@ -143,13 +143,13 @@ class LlamaLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, position_ids, deterministic: bool):
+    def __call__(self, x, key_mask, position_ids, deterministic: bool, shared=None):
         c = self.config
         a = RMSNorm(c.rms_norm_eps, self.dtype, name="attention_norm")(x)
         a = LlamaAttention(c, self.layer, self.filler, self.dtype, name="attention")(
             a, key_mask, position_ids, deterministic)
         h = sites.activation(self.filler, sites.ATTN_OUTPUT, self.layer, a, x, None,
-                             deterministic)  # [B, T, D]
+                             deterministic, shared)  # [B, T, D]
         dense = lambda site, feats: sites.dense(
             self.filler, site, self.layer, features=feats, use_bias=c.mlp_bias, dtype=self.dtype,
             kernel_init=nn.initializers.normal(c.initializer_range), name=site)
@@ -157,7 +157,8 @@ class LlamaLayer(nn.Module):
         y = ACTIVATIONS[c.hidden_act](dense(sites.FFN_GATE, c.intermediate_size)(y)) * \
             dense(sites.FFN_IN, c.intermediate_size)(y)  # [B, T, F]
         y = dense(sites.FFN_OUT, c.hidden_size)(y)  # [B, T, D]
-        return sites.activation(self.filler, sites.FFN_OUTPUT, self.layer, y, h, None, deterministic)
+        return sites.activation(self.filler, sites.FFN_OUTPUT, self.layer, y, h, None, deterministic,
+                                shared)
 
 
 class LlamaLayers(nn.Module):
@@ -167,11 +168,11 @@ class LlamaLayers(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, position_ids, deterministic: bool):
+    def __call__(self, x, key_mask, position_ids, deterministic: bool, shared=None):
         hidden = [x]
         for i in range(self.config.num_layers):
             x = LlamaLayer(self.config, i, self.filler, self.dtype, name=f"layer_{i}")(
-                x, key_mask, position_ids, deterministic)
+                x, key_mask, position_ids, deterministic, shared)
             hidden.append(x)
         return x, hidden
 
@@ -215,7 +216,7 @@ class LlamaModel(nn.Module):
                 head = jnp.broadcast_to(jnp.arange(n_prompt), (x.shape[0], n_prompt))
                 position_ids = jnp.concatenate([head, position_ids + n_prompt], axis=1)
         x, hidden = LlamaLayers(c, self.filler, self.dtype, name="layers")(
-            x, attention_mask, position_ids, deterministic)
+            x, attention_mask, position_ids, deterministic, sites.shared(self.filler))
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)  # [B, T', D]
         if c.tie_word_embeddings:
             logits = embed.attend(x)  # x @ embedding.T, [B, T', V]

@@ -21,6 +21,9 @@ Site kinds and the call each filled site must support:
   base parameters at `<name>/kernel` and `<name>/bias` (LoRA, IA3 subclass nn.Dense).
 * The attention site ATTN_PREFIX ("prefix"): the module is called as `module(batch)` and
   returns (keys, values), each [B, P, H_kv, Dh], prepended to every head's keys/values.
+* The model-level site SHARED ("shared_adapters", layer -1) holds parameters shared across
+  layers (Compacter's PHM rules). The model calls `module()` once; its result (a pytree, or
+  None) reaches every activation site as the keyword argument `shared=`.
 * The embedding site EMBED_PROMPT ("prompt"): `module(embeddings [B,T,D], mask [B,T])`
   returns the extended (embeddings, mask).
 """
@@ -41,6 +44,7 @@ DENSE_SITES = (QUERY, KEY, VALUE, ATTN_OUT, FFN_IN, FFN_GATE, FFN_OUT)
 
 ATTN_PREFIX = "prefix"
 EMBED_PROMPT = "prompt"
+SHARED = "shared_adapters"
 ALL_SITES = ACTIVATION_SITES + DENSE_SITES + (ATTN_PREFIX, EMBED_PROMPT)
 
 # (site, layer) -> factory or None. layer is -1 for the model-level EMBED_PROMPT site.
@@ -64,10 +68,17 @@ def add_and_norm(sublayer_out, sublayer_in, layer_norm):
     return h if layer_norm is None else layer_norm(h)
 
 
+def shared(filler: Optional[SiteFiller]):
+    """Builds the model-level shared parameters (call it from the model's compact method)."""
+    factory = lookup(filler, SHARED, -1)
+    return None if factory is None else factory(name=SHARED)()
+
+
 def activation(filler: Optional[SiteFiller], site: str, layer: int, sublayer_out,
-               sublayer_in, layer_norm, deterministic: bool):
+               sublayer_in, layer_norm, deterministic: bool, shared_params=None):
     """Runs an activation site: the filled module, or the plain residual add & norm."""
     factory = lookup(filler, site, layer)
     if factory is None:
         return add_and_norm(sublayer_out, sublayer_in, layer_norm)
-    return factory(name=site)(sublayer_out, sublayer_in, layer_norm, deterministic=deterministic)
+    extra = {} if shared_params is None else {"shared": shared_params}
+    return factory(name=site)(sublayer_out, sublayer_in, layer_norm, deterministic=deterministic, **extra)

@@ -1,0 +1,157 @@
+"""Bottleneck adapters: Houlsby (double_seq_bn), Pfeiffer (seq_bn) and parallel (par_bn).
+
+One module implements all three through AdapterHub's flags, so that a config means the
+same thing here and in `adapters`, and weights move between the two unchanged:
+
+  A(z)  = f(LN_before?(z) W_down + b_down) W_up + b_up, times the scaling s
+  seq:  residual = h_out (residual_before_ln=True), or the add&normed input (False)
+        z = LN(h_out + x) if original_ln_before else h_out
+        y = A(z) + residual  (LN_after optional, before or after that residual)
+        out = LN(y + x) if original_ln_after else y
+  par:  out = LN(h_out + s * A(x) + x)    (the adapter reads the sub-layer *input* x)
+
+with h_out the sub-layer's output, x its input and LN the block's own LayerNorm.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "swish": jax.nn.silu,
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "identity": lambda x: x,
+    "linear": lambda x: x,
+}
+INITS = ("bert", "near_identity", "zero_up", "houlsby", "mam_adapter")
+
+
+@dataclasses.dataclass(frozen=True)
+class BottleneckConfig:
+    """One bottleneck adapter; field names follow AdapterHub's BnConfig where they overlap."""
+    bottleneck_dim: Optional[int] = None  # r; or give reduction_factor (r = d // factor)
+    reduction_factor: Optional[float] = None
+    activation: str = "relu"
+    use_bias: bool = True
+    init: str = "bert"          # see INITS; near_identity draws N(0, init_std) for both projections
+    init_std: float = 1e-2
+    ln_before: bool = False      # a new LayerNorm on the adapter input
+    ln_after: bool = False       # a new LayerNorm on the adapter output
+    original_ln_before: bool = False
+    original_ln_after: bool = True
+    residual_before_ln: Union[bool, str] = True  # True, False or 'post_add'
+    adapter_residual_before_ln: bool = False
+    is_parallel: bool = False
+    scaling: Union[float, str] = 1.0  # a float, 'learned' (scalar) or 'channel' (vector)
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"adapter.activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if self.init not in INITS:
+            raise ValueError(f"adapter.init={self.init!r} is not one of {INITS}")
+        if not (isinstance(self.scaling, (int, float)) or self.scaling in ("learned", "channel")):
+            raise ValueError(f"adapter.scaling={self.scaling!r} must be a number, 'learned' or 'channel'")
+        if self.bottleneck_dim is not None and self.bottleneck_dim <= 0:
+            raise ValueError(f"adapter.bottleneck_dim={self.bottleneck_dim} must be > 0")
+        if self.reduction_factor is not None and self.reduction_factor <= 0:
+            raise ValueError(f"adapter.reduction_factor={self.reduction_factor} must be > 0")
+
+    def dim(self, d_model: int) -> int:
+        """The bottleneck size r for a model of width d_model."""
+        if self.bottleneck_dim is not None:
+            r = self.bottleneck_dim
+        elif self.reduction_factor is not None:
+            r = max(int(d_model // self.reduction_factor), 1)
+        else:
+            r = max(d_model // 2, 1)  # AdapterHub's default when neither is given
+        if r > d_model:
+            raise ValueError(f"adapter.bottleneck_dim={r} exceeds the model width d_model={d_model}")
+        return r
+
+
+def _inits(cfg: BottleneckConfig):
+    """(down kernel init, up kernel init) for the configured scheme."""
+    normal = nn.initializers.normal
+    if cfg.init == "bert":
+        return normal(0.02), normal(0.02)
+    if cfg.init == "near_identity":
+        return normal(cfg.init_std), normal(cfg.init_std)
+    if cfg.init == "zero_up":
+        return normal(cfg.init_std), nn.initializers.zeros
+    if cfg.init == "houlsby":
+        tn = nn.initializers.truncated_normal(1e-2, lower=-2.0, upper=2.0)
+        return tn, tn
+    return nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), nn.initializers.zeros  # mam
+
+
+def bottleneck(module: nn.Module, c: BottleneckConfig, z, deterministic: bool, dtype=jnp.float32):
+    """The bare bottleneck A(z) [B, T, D] -> [B, T, D], scaled, without any residual.
+
+    Called from inside `module`'s compact method, so that its parameters (down, up, ...)
+    sit directly under `module`: `.../ffn_adapter/<name>/down/kernel`.
+    """
+    d = z.shape[-1]
+    down_init, up_init = _inits(c)
+    if c.ln_before:
+        z = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="ln_before")(z)
+    h = nn.Dense(c.dim(d), use_bias=c.use_bias, dtype=dtype, kernel_init=down_init, name="down")(z)
+    h = ACTIVATIONS[c.activation](h)  # [B, T, r]
+    up = nn.Dense(d, use_bias=c.use_bias, dtype=dtype, kernel_init=up_init, name="up")(h)
+    if c.scaling == "learned":
+        up = up * module.param("scaling", nn.initializers.ones, (1,)).astype(up.dtype)
+    elif c.scaling == "channel":
+        up = up * module.param("scaling", nn.initializers.ones, (d,)).astype(up.dtype)
+    elif c.scaling != 1.0:
+        up = up * c.scaling
+    return nn.Dropout(c.dropout)(up, deterministic=deterministic)
+
+
+class BottleneckAdapter(nn.Module):
+    """A bottleneck adapter at an activation site, AdapterHub semantics (see module doc)."""
+    config: BottleneckConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h_out, x, layer_norm, deterministic: bool = True):
+        c = self.config
+        core = lambda z: bottleneck(self, c, z, deterministic, self.dtype)
+        norm = (lambda y: y) if layer_norm is None else layer_norm
+        if c.is_parallel:
+            y = core(x)
+            if c.ln_after:
+                y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_after")(y)
+            return norm(h_out + y + x)
+        residual = h_out if c.residual_before_ln is True else None
+        z = h_out
+        if c.original_ln_before:
+            z = h_out + x
+            if c.residual_before_ln == "post_add":
+                residual = z
+            z = norm(z)
+        if not c.residual_before_ln:
+            residual = z
+        y = core(z)
+        if c.adapter_residual_before_ln:
+            y = y + residual
+        if c.ln_after:
+            y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_after")(y)
+        if not c.adapter_residual_before_ln:
+            y = y + residual
+        return norm(y + x) if c.original_ln_after else y
+
+
+def _register():
+    from adapters_jax.adapters.spec import register
+    register("bottleneck", BottleneckConfig, BottleneckAdapter, "activation")
+
+
+_register()

@@ -1,0 +1,159 @@
+"""The placement spec: which adapter fills which site in which layers.
+
+An `AdapterSpec` is a hashable value (frozen dataclasses and tuples only), so it can be a
+Flax module attribute; calling it as `spec(site, layer)` makes it the backbone's SiteFiller.
+Methods register a (config class, module class, site kind) triple in `METHODS`; the backbone
+never learns their names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Callable, Optional, Sequence, Union
+
+import flax.linen as nn
+
+from adapters_jax.backbones import sites
+
+# method name -> (config dataclass, module class, site kind: 'activation' | 'dense' | 'prefix' | 'prompt')
+METHODS: dict[str, tuple[type, Callable[..., nn.Module], str]] = {}
+# method name -> module class building its cross-layer parameters at `shared_adapters/<name>`,
+# called with no arguments; its return value reaches the method's modules as `shared=`.
+SHARED_MODULES: dict[str, Callable[..., nn.Module]] = {}
+SITE_KIND = {**{s: "activation" for s in sites.ACTIVATION_SITES}, **{s: "dense" for s in sites.DENSE_SITES},
+             sites.ATTN_PREFIX: "prefix", sites.EMBED_PROMPT: "prompt"}
+
+
+def register(method: str, config_cls: type, module_cls, kind: str, shared_cls=None) -> None:
+    METHODS[method] = (config_cls, module_cls, kind)
+    if shared_cls is not None:
+        SHARED_MODULES[method] = shared_cls
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """One method at one site, in `layers` (None: every layer)."""
+    site: str
+    method: str
+    config: Any
+    layers: Optional[tuple[int, ...]] = None
+
+    def __post_init__(self):
+        site = sites.PARALLEL_SITES.get(self.site, self.site)
+        object.__setattr__(self, "site", site)
+        if site not in SITE_KIND:
+            raise ValueError(f"adapter site {self.site!r} is unknown; sites are "
+                             f"{sorted(set(SITE_KIND) | set(sites.PARALLEL_SITES))}")
+        if self.method not in METHODS:
+            raise ValueError(f"adapter method {self.method!r} is unknown; methods are {sorted(METHODS)}")
+        kind = METHODS[self.method][2]
+        if SITE_KIND[site] != kind:
+            raise ValueError(f"adapter method {self.method!r} fills {kind} sites, not {self.site!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """Named adapters for a whole model.
+
+    Attributes:
+      name: the adapter's name; parameters live at `.../<site>/<name>/...`.
+      placements: what goes where.
+      adapter_drop: AdapterDrop (Rücklé et al. 2021): no adapters in layers < adapter_drop,
+        in training and in inference alike.
+    """
+    name: str = "adapter"
+    placements: tuple[Placement, ...] = ()
+    adapter_drop: int = 0
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", self.name):
+            raise ValueError(f"adapter.name={self.name!r} must be an identifier (letters, digits, _ and -)")
+        seen = {}
+        for p in self.placements:
+            for layer in (p.layers or (None,)):
+                key = (p.site, layer)
+                clash = [k for k in seen if k[0] == p.site and (k[1] is None or layer is None or k[1] == layer)]
+                if clash:
+                    raise ValueError(f"adapter site {p.site!r} is filled twice (by {seen[clash[0]]} and {p.method})")
+                seen[key] = p.method
+
+    def placement(self, site: str, layer: int) -> Optional[Placement]:
+        if 0 <= layer < self.adapter_drop:
+            return None
+        for p in self.placements:
+            if p.site == site and (p.layers is None or layer in p.layers):
+                return p
+        return None
+
+    def __call__(self, site: str, layer: int):
+        """SiteFiller: the module factory for `site` in `layer`, or None."""
+        if site == sites.SHARED:
+            shared = tuple((self.name, p.method, p.config) for p in self.placements
+                           if p.method in SHARED_MODULES)
+            return functools.partial(SharedSite, members=shared[:1]) if shared else None
+        p = self.placement(site, layer)
+        if p is None:
+            return None
+        module_cls = METHODS[p.method][1]
+        if SITE_KIND[site] == "dense":  # replaces nn.Dense, keeping its kernel/bias paths
+            return functools.partial(module_cls, adapter=p.config, adapter_name=self.name)
+        return functools.partial(NamedSite, members=((self.name, p.method, p.config),))
+
+    def validate(self, num_layers: int, d_model: int, available_sites: Sequence[str]) -> "AdapterSpec":
+        """Raises a one-line ValueError for a site, layer or dimension this model cannot take."""
+        for p in self.placements:
+            if p.site not in available_sites:
+                raise ValueError(f"adapter site {p.site!r} does not exist in this backbone "
+                                 f"(it has {', '.join(available_sites)})")
+            for layer in p.layers or ():
+                if not 0 <= layer < num_layers:
+                    raise ValueError(f"adapter layer {layer} is out of range: the model has {num_layers} "
+                                     f"layers (0..{num_layers - 1})")
+            if hasattr(p.config, "dim"):
+                p.config.dim(d_model)  # raises for bottleneck_dim > d_model
+        if not 0 <= self.adapter_drop <= num_layers:
+            raise ValueError(f"adapter.adapter_drop={self.adapter_drop} must be in 0..{num_layers}")
+        return self
+
+
+class NamedSite(nn.Module):
+    """The module at an activation/prefix/prompt site: holds adapters by name (`<site>/<name>`)."""
+    members: tuple  # ((name, method, config), ...)
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, *args, **kwargs):
+        name, method, config = self.members[0]
+        return METHODS[method][1](config, name=name)(*args, **kwargs)
+
+
+class SharedSite(nn.Module):
+    """Cross-layer parameters at `shared_adapters/<name>/...`; returns them for every site."""
+    members: tuple  # ((name, method, config),)
+
+    @nn.compact
+    def __call__(self):
+        name, method, config = self.members[0]
+        return SHARED_MODULES[method](config, name=name)()
+
+
+def parse_layers(value: Union[None, str, int, Sequence[int]]) -> Optional[tuple[int, ...]]:
+    """'all' / None -> every layer; 3 -> (3,); '2-5' -> (2, 3, 4, 5); [0, 2] -> (0, 2)."""
+    if value is None or value == "all" or value == "":
+        return None
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, str):
+        out = []
+        for part in value.split(","):
+            m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if not m:
+                raise ValueError(f"adapter.layers={value!r}: use 'all', '2-5', '0,3,5' or a list of ints")
+            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            out.extend(range(lo, hi + 1))
+        return tuple(sorted(set(out)))
+    try:
+        return tuple(sorted({int(v) for v in value}))
+    except (TypeError, ValueError):
+        raise ValueError(f"adapter.layers={value!r}: use 'all', '2-5', '0,3,5' or a list of ints") from None

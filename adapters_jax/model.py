@@ -1,0 +1,60 @@
+"""A backbone (with its adapter sites filled) plus a task head, and loading the frozen base into it.
+
+Parameter paths: `backbone/...` for the pretrained model and its adapters, `head/...` for the
+task head.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+
+from adapters_jax import rules as rules_lib
+
+
+class AdaptedModel(nn.Module):
+    """backbone(batch) -> head -> logits. `backbone` and `head` are unbound Flax modules."""
+    backbone: nn.Module
+    head: nn.Module
+
+    def __call__(self, batch: dict, deterministic: bool = True):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+                  if k in batch and _accepts(self.backbone, k)}
+        outputs = self.backbone(**inputs, deterministic=deterministic)
+        return self.head(outputs, deterministic=deterministic)
+
+
+def _accepts(module: nn.Module, arg: str) -> bool:
+    import inspect
+    return arg in inspect.signature(type(module).__call__).parameters
+
+
+def init_with_base(model: AdaptedModel, base_params: dict, rng: jax.Array, sample_batch: dict) -> dict:
+    """Initialises adapters and head, and puts the pretrained base params in place."""
+    init = jax.jit(lambda r: model.init({"params": r, "dropout": r}, sample_batch)["params"])(rng)
+    return place_base(init, base_params, prefix=("backbone",))
+
+
+def place_base(init_params: dict, base_params: dict, prefix: tuple = ()) -> dict:
+    """`init_params` with every pretrained leaf of `base_params` written over it (under `prefix`).
+
+    Every pretrained leaf must land on a model leaf of the same shape; the remaining leaves
+    (adapters, head) keep their fresh initialisation.
+    """
+    flat = traverse_util.flatten_dict(dict(init_params))
+    for path, value in traverse_util.flatten_dict(dict(base_params)).items():
+        full = tuple(prefix) + path
+        if full not in flat:
+            raise ValueError(f"pretrained parameter {rules_lib.path_str(path)} has no place in the model")
+        if tuple(flat[full].shape) != tuple(np.shape(value)):
+            raise ValueError(f"pretrained parameter {rules_lib.path_str(path)} has shape {np.shape(value)}, "
+                             f"the model expects {tuple(flat[full].shape)}")
+        flat[full] = jax.numpy.asarray(value, flat[full].dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def param_count(tree: Any) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(tree)))

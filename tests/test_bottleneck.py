@@ -1,0 +1,135 @@
+"""Bottleneck adapters: parameter formulas, identity at init, and equality with AdapterHub."""
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from adapters_jax.adapters import bottleneck as bn
+from adapters_jax.adapters.presets import spec_from_config
+from adapters_jax.backbones.bert import BertConfig, BertModel
+from adapters_jax.interop.adapterhub import bottleneck_from_torch
+from adapters_jax.model import param_count, place_base
+from tests.conftest import SENTENCES
+
+
+def adapter_params(params, name="adapter"):
+    flat = traverse_util.flatten_dict(params)
+    return {k: v for k, v in flat.items() if name in k}
+
+
+def test_one_adapter_has_2dr_plus_d_plus_r_params():
+    d, r = 48, 7
+    x = jnp.ones((1, 3, d))
+    for use_bias, expected in ((True, 2 * d * r + d + r), (False, 2 * d * r)):
+        cfg = bn.BottleneckConfig(bottleneck_dim=r, use_bias=use_bias)
+        p = bn.BottleneckAdapter(cfg).init(jax.random.PRNGKey(0), x, x, None)
+        assert param_count(p) == expected
+
+
+def test_houlsby_on_bert_base_is_4Ldr():
+    config = BertConfig()  # d=768, L=12
+    spec = spec_from_config("houlsby", bottleneck_dim=64, use_bias=False)
+    shapes = jax.eval_shape(lambda: BertModel(config, filler=spec).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+    assert param_count(adapter_params(shapes)) == 4 * 12 * 768 * 64 == 2_359_296
+
+
+def _adapted(minilm, spec, seed=0):
+    model = BertModel(minilm.config, filler=spec)
+    enc = minilm.tokenizer(SENTENCES, max_length=48)
+    init = model.init(jax.random.PRNGKey(seed), enc.input_ids, enc.attention_mask)["params"]
+    return model, place_base(init, minilm.params), enc
+
+
+def _run(model, params, enc):
+    return np.asarray(model.apply({"params": params}, enc.input_ids, enc.attention_mask,
+                                  enc.token_type_ids)["last_hidden_state"])
+
+
+@pytest.mark.parametrize("options", [
+    dict(method="houlsby", init="zero_up"),
+    dict(method="pfeiffer", init="zero_up"),
+    dict(method="parallel", parallel_sites=("attn", "ffn")),  # mam init: zero up projection
+    dict(method="houlsby", adapter_drop=6),  # AdapterDrop over every layer
+])
+def test_exact_identity_at_init(minilm, options):
+    options = dict(options)
+    spec = spec_from_config(options.pop("method"), bottleneck_dim=32, **options)
+    model, params, enc = _adapted(minilm, spec)
+    assert np.array_equal(_run(model, params, enc), np.asarray(minilm(SENTENCES, max_length=48)["last_hidden_state"]))
+
+
+def test_near_identity_init_changes_output_by_less_than_1e3(minilm):
+    spec = spec_from_config("houlsby", bottleneck_dim=64, init="near_identity", init_std=1e-3)
+    model, params, enc = _adapted(minilm, spec)
+    base = np.asarray(minilm(SENTENCES, max_length=48)["last_hidden_state"], np.float64)
+    got = _run(model, params, enc)
+    rel = np.linalg.norm(got - base) / np.linalg.norm(base)
+    assert 0 < rel < 1e-3
+
+
+# AdapterHub config name -> (our preset, options giving the same architecture)
+ORACLE_CASES = {
+    "seq_bn": ("pfeiffer", dict(reduction_factor=16)),
+    "double_seq_bn": ("houlsby", dict(reduction_factor=16)),
+    "par_bn": ("parallel", dict(reduction_factor=2)),
+}
+
+
+@pytest.mark.parametrize("hub_name", sorted(ORACLE_CASES))
+def test_matches_adapterhub_counts_and_outputs(minilm, torch_minilm, hub_name):
+    adapters = pytest.importorskip("adapters")
+    torch = pytest.importorskip("torch")
+    ref = copy.deepcopy(torch_minilm)
+    adapters.init(ref)
+    ref.add_adapter("task", config=hub_name)
+    ref.train_adapter("task")
+    torch.manual_seed(1)
+    with torch.no_grad():  # non-trivial weights everywhere, zero-initialised up projections included
+        for n, p in ref.named_parameters():
+            if ".adapters.task." in n:
+                p.normal_(0, 0.05)
+    ref.set_active_adapters("task")
+    ref.eval()
+    hub_count = sum(p.numel() for p in ref.parameters() if p.requires_grad)
+
+    preset, options = ORACLE_CASES[hub_name]
+    spec = spec_from_config(preset, name="task", **options)
+    model, params, enc = _adapted(minilm, spec)
+    assert param_count(adapter_params(params, "task")) == hub_count
+
+    state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    ours = bottleneck_from_torch(state, "task")
+    flat = traverse_util.flatten_dict(params)
+    for path, value in traverse_util.flatten_dict(ours).items():
+        assert flat[path].shape == value.shape, path
+        flat[path] = jnp.asarray(value)
+    got = _run(model, traverse_util.unflatten_dict(flat), enc)
+    with torch.no_grad():
+        want = ref(input_ids=torch.tensor(enc.input_ids).long(),
+                   attention_mask=torch.tensor(enc.attention_mask).long(),
+                   token_type_ids=torch.tensor(enc.token_type_ids).long()).last_hidden_state.numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("options, needle", [
+    (dict(method="bottleneck", bottleneck_sites=("after_everything",)), "adapter site 'after_everything' is unknown"),
+    (dict(method="houlsby", layers="2-9"), "adapter layer 6 is out of range"),
+    (dict(method="houlsby", bottleneck_dim=999), "adapter.bottleneck_dim=999 exceeds the model width"),
+    (dict(method="houlsby", bottleneck_dim=0), "adapter.bottleneck_dim=0 must be > 0"),
+    (dict(method="houlsby", activation="softplus"), "adapter.activation='softplus'"),
+    (dict(method="houlsby", bottelneck_dim=8), "adapter.bottelneck_dim is not an option"),
+    (dict(method="houlsbie"), "adapter.method='houlsbie' is unknown"),
+    (dict(method="parallel", parallel_sites=("ffm",)), "adapter.parallel_sites"),
+    (dict(method="houlsby", layers="first"), "adapter.layers='first'"),
+])
+def test_bad_specs_fail_with_one_line_naming_the_field(minilm, options, needle):
+    options = dict(options)
+    with pytest.raises(ValueError) as err:
+        spec = spec_from_config(options.pop("method"), **options)
+        spec.validate(minilm.config.num_layers, minilm.config.hidden_size,
+                      ("attn_adapter", "ffn_adapter", "query", "key", "value", "attn_out", "ffn_in", "ffn_out"))
+    assert needle in str(err.value) and "\n" not in str(err.value)
