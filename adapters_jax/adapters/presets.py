@@ -1,0 +1,81 @@
+"""Named presets -> AdapterSpec, and building a spec from a flat config dict.
+
+Bottleneck presets mirror AdapterHub's configs so that the same name means the same model:
+houlsby = double_seq_bn, pfeiffer = seq_bn, parallel = par_bn (He et al. 2021).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from adapters_jax.adapters.bottleneck import BottleneckConfig
+from adapters_jax.adapters.spec import AdapterSpec, Placement, parse_layers
+from adapters_jax.backbones import sites
+
+# Options every preset takes; the rest go to the method's config dataclass.
+SPEC_KEYS = ("name", "layers", "adapter_drop")
+
+
+def _bottleneck_cfg(overrides: Mapping[str, Any], **defaults) -> BottleneckConfig:
+    return _make(BottleneckConfig, {**defaults, **overrides})
+
+
+def _make(cls, options: Mapping[str, Any]):
+    """cls(**options), with an unknown option named in a one-line error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in options:
+        if k not in names:
+            raise ValueError(f"adapter.{k} is not an option of {cls.__name__} (options: {', '.join(sorted(names))})")
+    return cls(**options)
+
+
+def houlsby(layers=None, **kw) -> tuple[Placement, ...]:
+    """Houlsby et al. 2019: after attention and after the FFN, before the residual + LN."""
+    cfg = _bottleneck_cfg(kw, activation="swish", original_ln_before=False, residual_before_ln=True,
+                          init="near_identity", init_std=1e-2)
+    return (Placement(sites.ATTN_OUTPUT, "bottleneck", cfg, layers),
+            Placement(sites.FFN_OUTPUT, "bottleneck", cfg, layers))
+
+
+def pfeiffer(layers=None, **kw) -> tuple[Placement, ...]:
+    """Pfeiffer et al. 2020: one adapter after the FFN's add & norm (AdapterHub seq_bn)."""
+    cfg = _bottleneck_cfg(kw, activation="relu", original_ln_before=True, residual_before_ln=True,
+                          init="near_identity", init_std=1e-2)
+    return (Placement(sites.FFN_OUTPUT, "bottleneck", cfg, layers),)
+
+
+def parallel(layers=None, parallel_sites=("ffn",), **kw) -> tuple[Placement, ...]:
+    """He et al. 2021: beside attention and/or the FFN, reading the sub-layer input, scaled by s."""
+    cfg = _bottleneck_cfg(kw, activation="relu", is_parallel=True, scaling=4.0, init="mam_adapter")
+    where = {"attn": sites.ATTN_OUTPUT, "ffn": sites.FFN_OUTPUT}
+    bad = [s for s in parallel_sites if s not in where]
+    if bad or not parallel_sites:
+        raise ValueError(f"adapter.parallel_sites={tuple(parallel_sites)!r}: choose from ('attn', 'ffn')")
+    return tuple(Placement(where[s], "bottleneck", cfg, layers) for s in parallel_sites)
+
+
+def bottleneck(layers=None, bottleneck_sites=("ffn_adapter",), **kw) -> tuple[Placement, ...]:
+    """A bottleneck adapter at explicitly named sites, every flag from the config."""
+    cfg = _bottleneck_cfg(kw)
+    return tuple(Placement(s, "bottleneck", cfg, layers) for s in bottleneck_sites)
+
+
+# preset name -> function(layers=..., **options) -> placements. Other method files add theirs.
+PRESETS: dict[str, Callable[..., tuple[Placement, ...]]] = {
+    "houlsby": houlsby, "pfeiffer": pfeiffer, "parallel": parallel, "bottleneck": bottleneck,
+}
+
+
+def spec_from_config(method: str, **options) -> AdapterSpec | None:
+    """An AdapterSpec from a preset name and flat options (as in `config.adapter`).
+
+    `method='none'` (full fine-tuning, head only) returns None: every site stays empty.
+    """
+    if method in ("none", "", None):
+        return None
+    if method not in PRESETS:
+        raise ValueError(f"adapter.method={method!r} is unknown; choose from {sorted(PRESETS) + ['none']}")
+    spec_kw = {k: options.pop(k) for k in SPEC_KEYS if k in options}
+    layers = parse_layers(spec_kw.pop("layers", None))
+    placements = PRESETS[method](layers=layers, **options)
+    return AdapterSpec(placements=placements, **spec_kw)
