@@ -1,0 +1,79 @@
+"""One call from a dataset name to a train iterator and eval batches."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import grain
+
+from adapters_jax.data import batching, evaluation, pipeline, registry
+from adapters_jax.tokenization import Tokenizer
+
+
+@dataclasses.dataclass
+class Datasets:
+    """What training needs. `train` yields local batches forever (or for num_epochs)."""
+    train: pipeline.TrainIterator
+    eval_batches: list
+    label_names: tuple
+    train_size: int
+    eval_size: int
+    steps_per_epoch: int
+    eval_split: str
+    rows: dict  # split -> bad-row report written when the dataset was built
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def _process(process_index: Optional[int], process_count: Optional[int]) -> tuple:
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=g-import-not-at-top  (only when not given explicitly)
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return int(process_index), int(process_count)
+
+
+def make_datasets(name: str, tokenizer: Tokenizer, batch_size: int, max_length: int = 128,
+                  seed: int = 0, *, eval_split: Optional[str] = None,
+                  eval_batch_size: Optional[int] = None,
+                  buckets: Sequence[int] = batching.DEFAULT_BUCKETS, pool_batches: int = 32,
+                  num_epochs: Optional[int] = None, process_index: Optional[int] = None,
+                  process_count: Optional[int] = None,
+                  read_options: Optional[grain.ReadOptions] = None, **source_kwargs) -> Datasets:
+    """Train iterator and eval batches for dataset `name` (see `registry` for the names).
+
+    Args:
+      name: a registered dataset name, e.g. 'rotten_tomatoes', 'files', 'glue_tsv/sst2'.
+      tokenizer: `adapters_jax.tokenization.Tokenizer`.
+      batch_size: the global batch size; each process gets batch_size // process_count rows.
+      max_length: truncation length in tokens; also the largest bucket.
+      seed: decides the shuffle; same seed, same batches.
+      eval_split: defaults to 'validation' (MNLI: 'validation_matched').
+      eval_batch_size: global eval batch size, default batch_size.
+      buckets: padded lengths (capped by max_length).
+      pool_batches: global batches per length-sorting window.
+      num_epochs: None repeats the train split forever.
+      process_index, process_count: default jax.process_index() / jax.process_count().
+      read_options: grain threads / prefetch for the train iterator.
+      **source_kwargs: for the loader: data_dir, files, glue_dir, label_names, table,
+        skip_bad_rows, max_chars.
+    """
+    process_index, process_count = _process(process_index, process_count)
+    src = registry.load(name, **source_kwargs)
+    eval_split = eval_split or registry.default_eval_split(name)
+    bucket_set = batching.bucket_lengths(buckets, max_length)
+    tokenize = batching.Tokenize(tokenizer, max_length, src.text_key, src.pair_key, src.label_key)
+    train_src, eval_src = src.split("train"), src.split(eval_split)
+    train = pipeline.train_batches(
+        train_src, tokenize, global_batch_size=batch_size, seed=seed, buckets=bucket_set,
+        pad_id=tokenizer.pad_id, pool_batches=pool_batches, num_epochs=num_epochs,
+        process_index=process_index, process_count=process_count)
+    evals = evaluation.eval_batches(
+        eval_src, tokenize, global_batch_size=eval_batch_size or batch_size, buckets=bucket_set,
+        pad_id=tokenizer.pad_id, process_index=process_index, process_count=process_count)
+    return Datasets(train=pipeline.TrainIterator(train, read_options), eval_batches=evals,
+                    label_names=tuple(src.label_names), train_size=len(train_src),
+                    eval_size=len(eval_src), steps_per_epoch=train.steps_per_epoch,
+                    eval_split=eval_split, rows=dict(src.rows))

@@ -1,0 +1,159 @@
+"""The training pipeline: grain shuffle per epoch, length-bucketed global batches, sharding.
+
+    source -> map(Tokenize) -> shuffle(seed) -> repeat     (grain MapDataset, element = example)
+           -> LengthBucketedBatches                        (element = this process's batch)
+           -> to_iter_dataset (threads, prefetch)          (state = {'next_index': step})
+
+Batch i is a pure function of (seed, i): epoch e = i // steps_per_epoch is shuffled by
+grain with seed + e; the epoch is cut into windows of `pool_batches` global batches;
+inside a window examples are sorted by token length, cut into global batches, and the
+batches (and rows within each) are permuted with a generator seeded by (seed, e, window).
+Every process computes the same global batch (so all agree on its padded length without
+communicating) and keeps its own contiguous slice of rows. Examples left over at the
+end of an epoch (fewer than a global batch) are dropped for that epoch only.
+"""
+from __future__ import annotations
+
+import collections
+import sys
+import threading
+from typing import Optional
+
+import grain
+import numpy as np
+
+from adapters_jax.data import batching
+
+
+class LengthBucketedBatches(grain.MapDataset):
+    """Random access to this process's share of global batch i: dict of [B_local, T] arrays.
+
+    Args:
+      parent: tokenized examples in epoch order, index e * num_examples + k.
+      num_examples: examples per epoch.
+      global_batch_size: rows per global batch (all processes together).
+      buckets: sorted padded lengths; the last one is max_length.
+      pad_id: token id used for padding.
+      seed: seeds the within-window permutations (grain's shuffle has its own).
+      pool_batches: global batches per sorting window (bigger: less padding, less mixing).
+      num_epochs: None repeats forever.
+    """
+
+    def __init__(self, parent: grain.MapDataset, *, num_examples: int, global_batch_size: int,
+                 buckets: tuple, pad_id: int, seed: int, pool_batches: int = 32,
+                 num_epochs: Optional[int] = None, process_index: int = 0, process_count: int = 1):
+        super().__init__(parent)
+        batching.check_sharding(global_batch_size, process_index, process_count)
+        if num_examples < global_batch_size:
+            raise ValueError(f"the train split has {num_examples} examples, fewer than one global "
+                             f"batch of {global_batch_size}")
+        self.num_examples, self.global_batch_size = num_examples, global_batch_size
+        self.steps_per_epoch = num_examples // global_batch_size
+        self.buckets, self.pad_id, self.seed = tuple(buckets), pad_id, seed
+        self.pool_batches, self.num_epochs = max(1, pool_batches), num_epochs
+        self.process_index, self.process_count = process_index, process_count
+        self._init_cache()
+
+    def _init_cache(self):
+        self._lock = threading.Lock()
+        self._windows = collections.OrderedDict()  # (epoch, window) -> list of (rows, length)
+
+    def __getstate__(self):  # picklable for grain's worker processes
+        state = dict(self.__dict__)
+        state.pop("_lock"), state.pop("_windows")
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_cache()
+
+    def __len__(self) -> int:
+        return sys.maxsize if self.num_epochs is None else self.num_epochs * self.steps_per_epoch
+
+    def __str__(self) -> str:
+        return f"LengthBucketedBatches(global_batch_size={self.global_batch_size}, buckets={self.buckets})"
+
+    def _window(self, epoch: int, window: int) -> list:
+        """The window's global batches: [(rows in final order, padded length)]."""
+        key = (epoch, window)
+        with self._lock:
+            if key in self._windows:
+                return self._windows[key]
+            gb, first = self.global_batch_size, window * self.pool_batches
+            n_batches = min(self.pool_batches, self.steps_per_epoch - first)
+            start = epoch * self.num_examples + first * gb
+            rows = list(self._parent._getitems(list(range(start, start + n_batches * gb))))  # pylint: disable=protected-access
+            lengths = np.asarray([len(r["ids"]) for r in rows])
+            order = np.argsort(lengths, kind="stable").reshape(n_batches, gb)  # [n_batches, GB]
+            rng = np.random.default_rng([self.seed, epoch, window])
+            batches = []
+            for b in rng.permutation(n_batches):
+                idx = order[b][rng.permutation(gb)]
+                length = batching.bucket_for(int(lengths[idx].max()), self.buckets)
+                batches.append(([rows[i] for i in idx], length))
+            self._windows[key] = batches
+            while len(self._windows) > 2:
+                self._windows.popitem(last=False)
+            return batches
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, step = divmod(int(index), self.steps_per_epoch)
+        rows, length = self._window(epoch, step // self.pool_batches)[step % self.pool_batches]
+        mine = batching.local_rows(rows, self.process_index, self.process_count)
+        return batching.collate(mine, length, self.pad_id)
+
+
+class TrainIterator:
+    """Iterates local train batches; its state is a small JSON-serialisable dict.
+
+    `get_state()` -> {'next_index': step of the next batch, plus the settings that decide
+    the stream}; `set_state` refuses a state taken with different settings, since it would
+    resume a different stream without any error.
+    """
+
+    def __init__(self, dataset: LengthBucketedBatches, read_options: Optional[grain.ReadOptions] = None):
+        self.dataset = dataset
+        read_options = read_options or grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
+        self._it = iter(dataset.to_iter_dataset(read_options))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def _settings(self) -> dict:
+        d = self.dataset
+        return {"seed": d.seed, "global_batch_size": d.global_batch_size,
+                "num_examples": d.num_examples, "pool_batches": d.pool_batches,
+                "buckets": list(d.buckets)}
+
+    def get_state(self) -> dict:
+        return {"next_index": int(self._it.get_state()["next_index"]), **self._settings()}
+
+    def set_state(self, state: dict) -> None:
+        diff = [k for k, v in self._settings().items() if k in state and state[k] != v]
+        if diff:
+            raise ValueError("iterator state was saved with different " + ", ".join(
+                f"{k} ({state[k]} != {self._settings()[k]})" for k in diff))
+        self._it.set_state({"next_index": int(state["next_index"])})
+
+    @property
+    def step(self) -> int:
+        return int(self._it.get_state()["next_index"])
+
+
+def train_batches(source, tokenize: batching.Tokenize, *, global_batch_size: int, seed: int,
+                  buckets: tuple, pad_id: int, pool_batches: int = 32,
+                  num_epochs: Optional[int] = None, process_index: int = 0, process_count: int = 1
+                  ) -> LengthBucketedBatches:
+    """The grain MapDataset of local train batches (see the module docstring)."""
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    examples = grain.MapDataset.source(source).map(tokenize).shuffle(seed=seed).repeat(None)
+    return LengthBucketedBatches(examples, num_examples=len(source), global_batch_size=global_batch_size,
+                                 buckets=buckets, pad_id=pad_id, seed=seed, pool_batches=pool_batches,
+                                 num_epochs=num_epochs, process_index=process_index,
+                                 process_count=process_count)
