@@ -1,0 +1,101 @@
+"""Compiling the train step: jit over a (data, fsdp) mesh with NamedSharding, or pmap.
+
+Under jit the batch is split over both mesh axes, trainable params (small) are replicated,
+and frozen params are replicated or, with `shard_frozen`, split over `fsdp` along their
+largest divisible dimension. The state is donated, so the step updates it in place.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from adapters_jax import trainer
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(fsdp: int = 1) -> Mesh:
+    """All devices as a [n / fsdp, fsdp] mesh named ('data', 'fsdp')."""
+    devices = np.array(jax.devices())
+    if fsdp < 1 or devices.size % fsdp:
+        raise ValueError(f"mesh.fsdp={fsdp} must divide the device count {devices.size}")
+    return Mesh(devices.reshape(devices.size // fsdp, fsdp), BATCH_AXES)
+
+
+def check_batch(global_batch: int, mesh: Mesh, field: str = "batch_size") -> None:
+    n = mesh.devices.size
+    if global_batch % n:
+        raise ValueError(f"{field}={global_batch} is not divisible by the device count {n}")
+
+
+def _fsdp_spec(shape: tuple, size: int) -> P:
+    """Shard the largest dimension divisible by the fsdp size, else replicate."""
+    if size == 1 or not shape:
+        return P()
+    dims = sorted(range(len(shape)), key=lambda i: -shape[i])
+    for i in dims:
+        if shape[i] % size == 0:
+            return P(*([None] * i + ["fsdp"]))
+    return P()
+
+
+def state_shardings(state: trainer.TrainState, mesh: Mesh, shard_frozen: bool = False):
+    replicated = NamedSharding(mesh, P())
+    fsdp = mesh.shape["fsdp"]
+    frozen = jax.tree_util.tree_map(
+        lambda x: NamedSharding(mesh, _fsdp_spec(tuple(x.shape), fsdp)) if shard_frozen else replicated,
+        state.frozen)
+    return trainer.TrainState(
+        step=replicated, trainable=jax.tree_util.tree_map(lambda _: replicated, state.trainable),
+        frozen=frozen, opt_state=jax.tree_util.tree_map(lambda _: replicated, state.opt_state),
+        rng=replicated)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def put_state(state, shardings):
+    """Places the state; copies rather than aliases, because the step donates it."""
+    return jax.tree_util.tree_map(lambda x, s: jax.device_put(jnp.array(x, copy=True), s), state, shardings)
+
+
+def put_batch(local_batch: dict, mesh: Mesh) -> dict:
+    """Global arrays from each process's local rows (the rows of its addressable devices)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def jit_step(step_fn: Callable, shardings, mesh: Mesh) -> Callable:
+    """jit(step) with explicit in/out shardings and the state donated."""
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+
+# --- pmap: the same step, with gradients averaged over the 'batch' axis -------------------
+
+PMAP_AXIS = "batch"
+
+
+def pmap_step(step_fn: Callable) -> Callable:
+    return jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=(0,))
+
+
+def replicate(tree: Any) -> Any:
+    n = jax.local_device_count()
+    return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def shard_for_pmap(local_batch: dict) -> dict:
+    """[B, ...] -> [devices, B / devices, ...]."""
+    n = jax.local_device_count()
+    return {k: np.asarray(v).reshape((n, -1) + np.shape(v)[1:]) for k, v in local_batch.items()}

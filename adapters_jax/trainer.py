@@ -1,0 +1,129 @@
+"""Train state and the pure train/eval steps.
+
+Only the trainable tree is differentiated: `jax.grad` of `loss(trainable, frozen, batch)`
+with respect to `trainable`, so XLA never builds the frozen base's weight-gradient matmuls.
+The steps are plain functions of (state, batch); `parallel.py` compiles them with jit over
+a mesh, or with pmap.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from adapters_jax import peft
+
+TASKS = ("classification", "regression")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+    rng: jax.Array
+
+    @property
+    def params(self) -> dict:
+        return peft.merge(self.trainable, self.frozen)
+
+
+def create_state(params: dict, labels: dict, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """Splits the params by label; optimizer state exists for trainable leaves only."""
+    trainable, frozen = peft.split(params, labels)
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
+                      opt_state=tx.init(params), rng=rng)
+
+
+def task_loss(logits: jnp.ndarray, batch: dict, task: str) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(weighted mean loss, total weight). logits [B, C] (classification) or [B, 1] (regression)."""
+    labels = batch["labels"]
+    weights = batch.get("weights", jnp.ones(labels.shape[0], jnp.float32)).astype(jnp.float32)  # [B]
+    if task == "classification":
+        per_row = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+    elif task == "regression":
+        per_row = jnp.square(logits[:, 0] - labels.astype(jnp.float32))
+    else:
+        raise ValueError(f"task={task!r} is not one of {TASKS}")
+    total = weights.sum()
+    return (per_row * weights).sum() / jnp.maximum(total, 1.0), total
+
+
+def make_train_step(model, tx: optax.GradientTransformation, *, task: str = "classification",
+                    accum_steps: int = 1, skip_nonfinite: bool = False,
+                    axis_name: Optional[str] = None) -> Callable:
+    """Returns train_step(state, batch) -> (state, metrics).
+
+    Args:
+      model: an AdaptedModel (or anything whose apply(params, batch, deterministic) -> logits).
+      tx: the full-tree optimizer from `optim.make` (multi_transform with frozen = set_to_zero).
+      accum_steps: split the batch into this many micro-batches and sum their gradients.
+      skip_nonfinite: on a NaN/inf loss or gradient keep the old state (metrics['nonfinite']=1)
+        instead of applying the update.
+      axis_name: the pmap axis to average gradients over (None under jit, where XLA's SPMD
+        partitioner inserts the reductions itself).
+    """
+    def loss_fn(trainable, frozen, batch, rng):
+        logits = model.apply({"params": peft.merge(trainable, frozen)}, batch, deterministic=False,
+                             rngs={"dropout": rng})
+        loss, weight = task_loss(logits, batch, task)
+        return loss, weight
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro(trainable, frozen, batch, rng):
+        if accum_steps == 1:
+            (loss, _), grads = grad_fn(trainable, frozen, batch, rng)
+            return loss, grads
+        split = jax.tree_util.tree_map(
+            lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
+
+        def body(carry, xs):
+            mb, r = xs
+            (loss, _), grads = grad_fn(trainable, frozen, mb, r)
+            return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+
+        zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, trainable))
+        (loss, grads), _ = jax.lax.scan(body, zero, (split, jax.random.split(rng, accum_steps)))
+        return loss / accum_steps, jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
+
+    def train_step(state: TrainState, batch: dict):
+        rng, step_rng = jax.random.split(state.rng)
+        if axis_name is not None:  # different dropout masks on each device
+            step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
+        loss, grads = micro(state.trainable, state.frozen, batch, step_rng)
+        if axis_name is not None:
+            loss, grads = jax.lax.pmean((loss, grads), axis_name)
+        params = peft.merge(state.trainable, state.frozen)
+        # Frozen leaves stand in for their own (never computed) gradients: set_to_zero ignores them.
+        updates, opt_state = tx.update(peft.merge(grads, state.frozen), state.opt_state, params)
+        new_trainable = optax.apply_updates(state.trainable, _like(updates, state.trainable))
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = state.replace(step=state.step + 1, trainable=new_trainable, opt_state=opt_state, rng=rng)
+        if skip_nonfinite:
+            new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state,
+                                               state.replace(step=state.step + 1, rng=rng))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": 1 - finite.astype(jnp.int32)}
+        return new_state, metrics
+
+    return train_step
+
+
+def _like(full: dict, subset: dict) -> dict:
+    """The leaves of `full` at the paths that `subset` has."""
+    from flax import traverse_util
+    flat_full = traverse_util.flatten_dict(dict(full))
+    return traverse_util.unflatten_dict({k: flat_full[k] for k in traverse_util.flatten_dict(dict(subset))})
+
+
+def make_eval_step(model, task: str = "classification") -> Callable:
+    """eval_step(trainable, frozen, batch) -> predictions [B] (class ids or regression values)."""
+    def eval_step(trainable, frozen, batch):
+        logits = model.apply({"params": peft.merge(trainable, frozen)}, batch, deterministic=True)
+        return jnp.argmax(logits, -1) if task == "classification" else logits[:, 0]
+    return eval_step

@@ -1,0 +1,71 @@
+"""Run as a script with XLA_FLAGS=--xla_force_host_platform_device_count=8: trains a tiny
+adapted model 5 steps on 1 device, with jit over an 8-device mesh (plain and fsdp-sharded
+frozen params) and with pmap, and prints the max differences as JSON."""
+import json
+import sys
+
+import jax
+import numpy as np
+
+from adapters_jax import optim, parallel, peft, rules, trainer
+from adapters_jax.adapters.presets import spec_from_config
+from adapters_jax.backbones.bert import BertConfig, BertModel
+from adapters_jax.heads import ClassificationHead
+from adapters_jax.model import AdaptedModel
+
+CFG = BertConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                 max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    model = AdaptedModel(BertModel(CFG, filler=spec_from_config("houlsby", bottleneck_dim=8)),
+                         ClassificationHead(2, dropout=0.0))
+    rng = np.random.default_rng(0)
+    batches = [{"input_ids": rng.integers(1, 64, (16, 12)).astype(np.int32),
+                "attention_mask": (rng.random((16, 12)) > 0.2).astype(np.int32),
+                "labels": rng.integers(0, 2, 16).astype(np.int32)} for _ in range(5)]
+    params = model.init(jax.random.PRNGKey(0), batches[0])["params"]
+    labels = rules.labels_for(params, peft.make_rules(["adapter"]))
+    tx, _ = optim.make(params, labels, lr=1e-2, total_steps=5)
+    step = trainer.make_train_step(model, tx)
+    fresh = lambda: trainer.create_state(params, labels, tx, jax.random.PRNGKey(1))
+
+    one = jax.device_put(fresh(), jax.devices()[0])
+    one_step = jax.jit(step)
+    losses_one = []
+    for b in batches:
+        one, m = one_step(one, b)
+        losses_one.append(float(m["loss"]))
+
+    results = {}
+    for name, fsdp, shard_frozen in (("jit_data8", 1, False), ("jit_data4_fsdp2", 2, True)):
+        mesh = parallel.make_mesh(fsdp)
+        sh = parallel.state_shardings(fresh(), mesh, shard_frozen)
+        state = parallel.put_state(fresh(), sh)
+        jstep = parallel.jit_step(step, sh, mesh)
+        losses = []
+        for b in batches:
+            state, m = jstep(state, parallel.put_batch(b, mesh))
+            losses.append(float(m["loss"]))
+        results[name] = _diff(losses, losses_one, state.trainable, one.trainable)
+
+    pstep = parallel.pmap_step(trainer.make_train_step(model, tx, axis_name=parallel.PMAP_AXIS))
+    state = parallel.replicate(fresh())
+    losses = []
+    for b in batches:
+        state, m = pstep(state, parallel.shard_for_pmap(b))
+        losses.append(float(m["loss"][0]))
+    results["pmap8"] = _diff(losses, losses_one, parallel.unreplicate(state.trainable), one.trainable)
+    json.dump(results, sys.stdout)
+
+
+def _diff(losses, ref_losses, trainable, ref_trainable):
+    dp = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax.tree_util.tree_leaves(trainable), jax.tree_util.tree_leaves(ref_trainable)))
+    return {"loss": float(np.abs(np.array(losses) - np.array(ref_losses)).max()), "params": dp,
+            "loss_moved": float(abs(ref_losses[-1] - ref_losses[0]))}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""jit over an 8-device CPU mesh and pmap give the single-device losses and params."""
+import json
+import os
+import subprocess
+import sys
+
+
+def test_jit_and_pmap_on_8_cpu_devices_match_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-m", "tests.multidevice_check"], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(results) == {"jit_data8", "jit_data4_fsdp2", "pmap8"}
+    for name, r in results.items():
+        assert r["loss_moved"] > 1e-4, (name, r)  # the runs really trained
+        assert r["loss"] <= 1e-5 and r["params"] <= 1e-5, (name, r)
