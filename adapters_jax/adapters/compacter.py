@@ -1,0 +1,206 @@
+"""Compacter and Compacter++ (Mahabadi et al. 2021): bottleneck adapters with PHM projections.
+
+Each projection is a parameterized hypercomplex multiplication (PHM) layer, as in AdapterHub's
+`PHMLayer` (weights copy over unchanged, same names and shapes):
+
+  y = x H + b,   H = sum_{i=1..n} A_i (x) W_i  in R^{d_in x d_out}   (Kronecker product, A_i on the left)
+  A   = phm_rule [n, n, n]: one set for the whole model (`shared_adapters/<name>/phm_rule`),
+        shared by every layer and by both projections
+  W_i = W_left[i] @ W_right[i], W_left [n, d_in/n, k], W_right [n, k, d_out/n], k = phm_rank
+
+so one projection holds k (d_in + d_out) weights plus d_out biases, and the model n^3 more.
+Everything around the two projections (LayerNorms, residuals, scaling, parallel or
+sequential) follows the BottleneckConfig flags exactly as BottleneckAdapter does.
+Compacter = Houlsby placement (AdapterHub `compacter`), Compacter++ = Pfeiffer (`compacter++`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from adapters_jax.adapters.bottleneck import ACTIVATIONS, BottleneckConfig
+
+W_INITS = ("glorot-uniform", "glorot-normal", "normal")
+C_INITS = ("normal", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompacterConfig(BottleneckConfig):
+    """A bottleneck adapter whose down/up projections are PHM layers (AdapterHub BnConfig phm_*).
+
+    `use_bias` is AdapterHub's `phm_bias`. `init`/`init_std` do not apply (as in AdapterHub, where
+    the PHM layers keep their own init): the rule A is drawn by `phm_c_init` (normal with std
+    `phm_init_range`, or uniform(-1, 1)); the W factors by `hypercomplex_nonlinearity`.
+    AdapterHub's `learn_phm=False` is a freezing rule here (`.*/phm_rule`), and `shared_W_phm`
+    is not offered.
+    """
+    activation: str = "gelu"
+    reduction_factor: float = 32
+    phm_dim: int = 4                 # n
+    phm_rank: int = 1                # k, the rank of each W_i (factorized_phm_W)
+    factorized_phm_W: bool = True    # W_i = W_left[i] @ W_right[i]; else one full W [n, d_in/n, d_out/n]
+    shared_phm_rule: bool = True     # one rule for the whole model; else one per projection
+    factorized_phm_rule: bool = False  # A_i = left_i right_i^T (rank one), [n, n, 1] @ [n, 1, n]
+    phm_c_init: str = "normal"
+    phm_init_range: float = 1e-4
+    hypercomplex_nonlinearity: str = "glorot-uniform"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init != "bert" or self.init_std != 1e-2:
+            raise ValueError("adapter.init/init_std do not apply to compacter: set phm_c_init, "
+                             "phm_init_range and hypercomplex_nonlinearity instead")
+        if self.phm_dim < 1 or self.phm_rank < 1:
+            raise ValueError(f"adapter.phm_dim={self.phm_dim} and adapter.phm_rank={self.phm_rank} must be >= 1")
+        if self.phm_c_init not in C_INITS:
+            raise ValueError(f"adapter.phm_c_init={self.phm_c_init!r} is not one of {C_INITS}")
+        if self.hypercomplex_nonlinearity not in W_INITS:
+            raise ValueError(f"adapter.hypercomplex_nonlinearity={self.hypercomplex_nonlinearity!r} "
+                             f"is not one of {W_INITS}")
+
+    def dim(self, d_model: int) -> int:
+        """The bottleneck size r; both d_model and r must be multiples of phm_dim."""
+        r = super().dim(d_model)
+        if d_model % self.phm_dim or r % self.phm_dim:
+            raise ValueError(f"adapter.phm_dim={self.phm_dim} must divide both the model width "
+                             f"d_model={d_model} and the bottleneck size r={r}")
+        return r
+
+
+def _rule_init(c: CompacterConfig, shared: bool):
+    # AdapterHub: the model-level rule draws N(0, phm_init_range) or U(-1, 1); a per-layer rule
+    # draws N(0, 0.01) or U(-0.01, 0.01) (as in the Compacter authors' code).
+    if c.phm_c_init == "normal":
+        return nn.initializers.normal(c.phm_init_range if shared else 1e-2)
+    bound = 1.0 if shared else 1e-2
+    return lambda key, shape, dtype=jnp.float32: nn.initializers.uniform(2 * bound)(key, shape, dtype) - bound
+
+
+def phm_rule(module: nn.Module, c: CompacterConfig, shared: bool):
+    """The rule A [n, n, n], as parameters of `module` (call from its compact method)."""
+    n, init = c.phm_dim, _rule_init(c, shared)
+    if c.factorized_phm_rule:
+        left = module.param("phm_rule_left", init, (n, n, 1))
+        right = module.param("phm_rule_right", init, (n, 1, n))
+        return jnp.einsum("ipk,iks->ips", left, right)
+    return module.param("phm_rule", init, (n, n, n))
+
+
+def _w_init(c: CompacterConfig):
+    """Per-slice (fan over the last two axes, axis 0 indexes i) as torch's xavier on W[i]."""
+    if c.hypercomplex_nonlinearity == "normal":
+        return nn.initializers.normal(c.phm_init_range)
+    dist = "uniform" if c.hypercomplex_nonlinearity == "glorot-uniform" else "normal"
+    return nn.initializers.variance_scaling(1.0, "fan_avg", dist, in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+class PHMDense(nn.Module):
+    """y = x (sum_i A_i (x) W_i) + b; the rule A comes from the shared site or is its own."""
+    features: int
+    config: CompacterConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, rule=None):
+        c, n = self.config, self.config.phm_dim
+        d_in = x.shape[-1]
+        a, b = d_in // n, self.features // n
+        if rule is None:
+            rule = phm_rule(self, c, shared=False)
+        w_init = _w_init(c)
+        if c.factorized_phm_W:
+            left = self.param("W_left", w_init, (n, a, c.phm_rank))
+            right = self.param("W_right", w_init, (n, c.phm_rank, b))
+            w = jnp.einsum("iak,ikb->iab", left, right)  # [n, d_in/n, d_out/n]
+        else:
+            w = self.param("W", w_init, (n, a, b))
+        # kron(A_i, W_i)[p*a + q, s*b + t] = A_i[p, s] W_i[q, t], summed over i
+        h = jnp.einsum("ips,iqt->pqst", rule, w).reshape(d_in, self.features)
+        y = jnp.dot(x.astype(self.dtype), h.astype(self.dtype))
+        if c.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return y
+
+
+def phm_bottleneck(module: nn.Module, c: CompacterConfig, z, rule, deterministic: bool, dtype=jnp.float32):
+    """A(z) with PHM projections: the counterpart of bottleneck.bottleneck (same names, same flags)."""
+    d = z.shape[-1]
+    if c.ln_before:
+        z = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="ln_before")(z)
+    h = ACTIVATIONS[c.activation](PHMDense(c.dim(d), c, dtype, name="down")(z, rule))  # [B, T, r]
+    up = PHMDense(d, c, dtype, name="up")(h, rule)
+    if c.scaling == "learned":
+        up = up * module.param("scaling", nn.initializers.ones, (1,)).astype(up.dtype)
+    elif c.scaling == "channel":
+        up = up * module.param("scaling", nn.initializers.ones, (d,)).astype(up.dtype)
+    elif c.scaling != 1.0:
+        up = up * c.scaling
+    return nn.Dropout(c.dropout)(up, deterministic=deterministic)
+
+
+def around_core(c: BottleneckConfig, core, h_out, x, layer_norm, ln_after):
+    """BottleneckAdapter's residual / LayerNorm wiring around any core A (see bottleneck.py's doc).
+
+    The same steps as BottleneckAdapter.__call__; tests/test_compacter.py checks that a
+    Compacter with phm_dim=1 equals a BottleneckAdapter for every flag combination.
+    """
+    norm = (lambda y: y) if layer_norm is None else layer_norm
+    if c.is_parallel:
+        y = core(x)
+        if c.ln_after:
+            y = ln_after(y)
+        return norm(h_out + y + x)
+    residual = h_out if c.residual_before_ln is True else None
+    z = h_out
+    if c.original_ln_before:
+        z = h_out + x
+        if c.residual_before_ln == "post_add":
+            residual = z
+        z = norm(z)
+    if not c.residual_before_ln:
+        residual = z
+    y = core(z)
+    if c.adapter_residual_before_ln:
+        y = y + residual
+    if c.ln_after:
+        y = ln_after(y)
+    if not c.adapter_residual_before_ln:
+        y = y + residual
+    return norm(y + x) if c.original_ln_after else y
+
+
+class CompacterAdapter(nn.Module):
+    """A Compacter at an activation site; `shared` is the model-level rule (shared_phm_rule)."""
+    config: CompacterConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h_out, x, layer_norm, deterministic: bool = True, shared=None):
+        c = self.config
+        if c.shared_phm_rule and shared is None:
+            raise ValueError("compacter with shared_phm_rule=True needs the model-level rule: the backbone "
+                             "must build the shared_adapters site and pass shared= to its activation sites")
+        rule = shared if c.shared_phm_rule else None
+        core = lambda z: phm_bottleneck(self, c, z, rule, deterministic, self.dtype)
+        ln_after = lambda y: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_after")(y)
+        return around_core(c, core, h_out, x, layer_norm, ln_after)
+
+
+class CompacterShared(nn.Module):
+    """The rule shared by all layers, at `shared_adapters/<name>/phm_rule`; None if not shared."""
+    config: CompacterConfig
+
+    @nn.compact
+    def __call__(self):
+        return phm_rule(self, self.config, shared=True) if self.config.shared_phm_rule else None
+
+
+def _register():
+    from adapters_jax.adapters.spec import register
+    register("compacter", CompacterConfig, CompacterAdapter, "activation", shared_cls=CompacterShared)
+
+
+_register()
