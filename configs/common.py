@@ -1,0 +1,45 @@
+"""The base config every experiment file starts from (see configs/houlsby_r64.py)."""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.task = "classification"      # or 'regression'
+    c.metric = "accuracy"          # picks the best checkpoint: accuracy | macro_f1 | mcc | pearson | spearman
+    c.parallelism = "jit"          # or 'pmap'
+    c.init_from = ""               # another run's adapter export directory
+
+    c.model = ml_collections.ConfigDict(dict(name="minilm-l6", dtype="float32"))
+    c.adapter = ml_collections.ConfigDict(dict(method="none"))
+    c.head = ml_collections.ConfigDict(dict(pooling="cls", dropout=0.1))
+    c.freeze = ml_collections.ConfigDict(dict(train_head=True, train_layernorm=False, train_bias=False,
+                                              train_all=False))
+    c.data = ml_collections.ConfigDict(dict(name="rotten_tomatoes", max_length=128, buckets=(32, 64, 128),
+                                            data_dir="", num_labels=2, skip_bad_rows=False))
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=32, eval_batch_size=64, num_epochs=3, num_steps=-1, accum_steps=1,
+        log_every=20, eval_every=-1, ckpt_every=200, max_to_keep=2, skip_nonfinite=False))
+    c.optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_ratio=0.06, schedule="linear",
+                                             weight_decay=0.01, clip_norm=1.0))
+    c.mesh = ml_collections.ConfigDict(dict(fsdp=1, shard_frozen=False))
+    return c
+
+
+def apply_preset(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
+    """`smoke` shrinks the run to seconds (CI); `key=value,...` sets fields (e.g. `r=16`)."""
+    if not arg:
+        return c
+    for part in str(arg).split(","):
+        if part == "smoke":  # a tiny random BERT with MiniLM's vocabulary: seconds on a CPU
+            c.model.name = "tiny-random-bert"
+            c.train.num_steps, c.train.batch_size, c.train.eval_batch_size = 4, 8, 64
+            c.train.log_every, c.train.ckpt_every = 2, 2
+            c.data.max_length, c.data.buckets = 32, (32,)
+            if "bottleneck_dim" in c.adapter and c.adapter.bottleneck_dim:
+                c.adapter.bottleneck_dim = min(c.adapter.bottleneck_dim, 8)
+        elif part.startswith("r="):
+            c.adapter.bottleneck_dim = int(part[2:])
+        elif part:
+            raise ValueError(f"config preset {part!r} is unknown (known: smoke, r=N)")
+    return c

@@ -1,0 +1,41 @@
+"""python -m experiments.train --config configs/houlsby_r64.py [--workdir DIR] [--config.x=y ...]"""
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
+flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
+flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (pods, multi-host GPU)")
+FLAGS = flags.FLAGS
+
+
+def default_workdir(config_path: str) -> str:
+    name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+    suffix = config_path.split(":", 1)[1].replace(",", "_").replace("=", "") if ":" in config_path else ""
+    return os.path.join("runs", name + (f"_{suffix}" if suffix else ""))
+
+
+def main(argv):
+    del argv
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+    import jax
+    if FLAGS.multihost:
+        jax.distributed.initialize()
+    from adapters_jax.train_loop import train_and_evaluate
+    workdir = FLAGS.workdir
+    if not workdir:
+        config_arg = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--config="))
+        workdir = default_workdir(config_arg)
+        print(f"--workdir not given: using {workdir}")
+    try:
+        train_and_evaluate(FLAGS.config, workdir)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: one line, no traceback
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
