@@ -1,0 +1,84 @@
+"""(IA)^3 (Liu et al. 2022): learned vectors that rescale dense layers, at the dense sites.
+
+Two placements, as in PEFT's IA3:
+  output scaling (key, value):          y = (x W + b) * l      l [out]
+  input scaling (feedforward, ffn_out): y = (x * l) W + b      l [in]
+The FFN's input scaling multiplies the *input* of ffn_out, i.e. the intermediate activation
+after the non-linearity (and, in Llama, after the SwiGLU gate product), which is the paper's
+l_ff. Vectors start at ones, which leaves the output bit-identical (x * 1 == x in floating
+point). The vector lives at `<site>/<name>/scale`; `IA3Dense` subclasses nn.Dense so the
+base keeps `<site>/kernel` and `<site>/bias`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from adapters_jax.adapters.lora import without_method, site_groups
+
+
+@dataclasses.dataclass(frozen=True)
+class IA3Config:
+    """One IA3 vector. scale_input=True is PEFT's `feedforward_modules` behaviour."""
+    scale_input: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.scale_input, bool):
+            raise ValueError(f"adapter.scale_input={self.scale_input!r} must be True or False")
+
+
+class IA3Scale(nn.Module):
+    """The learned vector, `<site>/<name>/scale`, initialised to ones."""
+    size: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        return self.param("scale", nn.initializers.ones, (self.size,), self.param_dtype)
+
+
+class IA3Dense(nn.Dense):
+    """nn.Dense with an IA3 vector on its input or output; built as partial(IA3Dense, adapter=, adapter_name=)."""
+    adapter: IA3Config = IA3Config()
+    adapter_name: str = "adapter"
+
+    @nn.compact
+    def __call__(self, inputs):
+        if self.adapter.scale_input:
+            scale = IA3Scale(inputs.shape[-1], self.param_dtype, name=self.adapter_name)()
+            return super().__call__(inputs * scale.astype(inputs.dtype))
+        y = super().__call__(inputs)
+        scale = IA3Scale(self.features, self.param_dtype, name=self.adapter_name)()
+        return y * scale.astype(y.dtype)
+
+
+def merge_ia3(params: Any, spec) -> tuple[dict, Any]:
+    """Folds every IA3 vector into its dense layer (W * l[None] and b * l, or W * l[:, None]).
+
+    Returns (params without `scale` leaves, the spec without IA3 placements). Unlike LoRA
+    this is not undone without the vectors, and a zero entry of l loses that row/column.
+    """
+    flat = traverse_util.flatten_dict(dict(params))
+    for site, cfg in site_groups(params, spec, "ia3", "scale").items():
+        scale = np.asarray(flat.pop(site + (spec.name, "scale")), np.float64)
+        kernel = flat[site + ("kernel",)]
+        k = np.asarray(kernel, np.float64)
+        flat[site + ("kernel",)] = jnp.asarray(k * (scale[:, None] if cfg.scale_input else scale[None, :]),
+                                               dtype=kernel.dtype)
+        bias = flat.get(site + ("bias",))
+        if bias is not None and not cfg.scale_input:
+            flat[site + ("bias",)] = jnp.asarray(np.asarray(bias, np.float64) * scale, dtype=bias.dtype)
+    return traverse_util.unflatten_dict(flat), without_method(spec, "ia3")
+
+
+def _register():
+    from adapters_jax.adapters.spec import register
+    register("ia3", IA3Config, IA3Dense, "dense")
+
+
+_register()
