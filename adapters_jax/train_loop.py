@@ -16,6 +16,7 @@ import numpy as np
 
 from adapters_jax import checkpoint, metrics, optim, parallel, peft, report, rules, trainer
 from adapters_jax.adapters import spec_from_config
+from adapters_jax.adapters.prefix import head_options
 from adapters_jax.backbones import sites
 from adapters_jax.data import make_datasets
 from adapters_jax.heads import ClassificationHead
@@ -31,7 +32,10 @@ def build(config, backbone=None):
     if config.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype={config.model.dtype!r} is not one of {sorted(DTYPES)}")
     backbone = backbone or load_backbone(config.model.name, dtype=DTYPES[config.model.dtype])
-    spec = spec_from_config(**config.adapter.to_dict())
+    options = config.adapter.to_dict()
+    if options.get("method") == "prefix":  # the prefix layout follows the model's attention heads
+        options = {**head_options(backbone.config), **options}
+    spec = spec_from_config(**options)
     if spec is not None:
         available = [s for s in sites.ALL_SITES if s != sites.FFN_GATE or config.model.name.startswith("llama")]
         spec.validate(backbone.config.num_layers, backbone.config.hidden_size, available)
@@ -66,6 +70,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         params = _load_init(params, config.init_from)
     total = tr.num_steps if tr.num_steps > 0 else tr.num_epochs * data.steps_per_epoch
     warmup = int(config.optim.warmup_ratio * total)
+    eval_every = tr.eval_every if tr.eval_every > 0 else data.steps_per_epoch
     tx, sched = optim.make(params, labels, lr=config.optim.lr, total_steps=total, warmup_steps=warmup,
                            schedule_kind=config.optim.schedule, weight_decay=config.optim.weight_decay,
                            clip_norm=config.optim.clip_norm or None)
@@ -105,7 +110,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             log.write(step, {"loss": vals["loss"], "lr": float(sched(step - 1)), "grad_norm": vals["grad_norm"],
                              "steps_per_sec": sps, "skipped": vals["nonfinite"]})
             log.progress(step, vals["loss"])
-        if (tr.eval_every > 0 and step % tr.eval_every == 0) or step == total:
+        if step % eval_every == 0 or step == total:
             final = ev = evaluate(eval_fn, state, data.eval_batches, config, data.num_labels, put_batch)
             log.write(step, {f"eval_{k}": v for k, v in ev.items()})
             log.message(f"step {step}: " + ", ".join(f"eval_{k}={v:.4f}" for k, v in ev.items()))

@@ -19,7 +19,8 @@ def base_config() -> ml_collections.ConfigDict:
                                             data_dir="", num_labels=2, skip_bad_rows=False))
     c.train = ml_collections.ConfigDict(dict(
         batch_size=32, eval_batch_size=64, num_epochs=3, num_steps=-1, accum_steps=1,
-        log_every=20, eval_every=-1, ckpt_every=200, max_to_keep=2, skip_nonfinite=False))
+        log_every=20, eval_every=-1, ckpt_every=200, max_to_keep=2,  # eval_every -1: once per epoch
+        skip_nonfinite=False))
     c.optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_ratio=0.06, schedule="linear",
                                              weight_decay=0.01, clip_norm=1.0))
     c.mesh = ml_collections.ConfigDict(dict(fsdp=1, shard_frozen=False))
@@ -38,6 +39,8 @@ def apply_preset(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict
             c.data.max_length, c.data.buckets = 32, (32,)
             if "bottleneck_dim" in c.adapter and c.adapter.bottleneck_dim:
                 c.adapter.bottleneck_dim = min(c.adapter.bottleneck_dim, 8)
+            if "reduction_factor" in c.adapter:
+                c.adapter.reduction_factor = 4  # width 32 -> r = 8, divisible by phm_dim 4
         elif part.startswith("r="):
             c.adapter.bottleneck_dim = int(part[2:])
         elif part:

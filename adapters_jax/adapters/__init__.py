@@ -1,5 +1,6 @@
 """The adapter zoo. Importing this package registers every method with the spec."""
-from adapters_jax.adapters import bottleneck  # noqa: F401  (registers 'bottleneck')
+# Each import registers its method ('bottleneck', 'compacter', 'lora', 'ia3', 'prefix', 'prompt').
+from adapters_jax.adapters import bottleneck, compacter, ia3, lora, prefix, prompt  # noqa: F401
 from adapters_jax.adapters.presets import PRESETS, spec_from_config
 from adapters_jax.adapters.spec import AdapterSpec, Placement, parse_layers
 
