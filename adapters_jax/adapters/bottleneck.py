@@ -64,6 +64,11 @@ class BottleneckConfig:
             raise ValueError(f"adapter.bottleneck_dim={self.bottleneck_dim} must be > 0")
         if self.reduction_factor is not None and self.reduction_factor <= 0:
             raise ValueError(f"adapter.reduction_factor={self.reduction_factor} must be > 0")
+        if self.residual_before_ln not in (True, False, "post_add"):
+            raise ValueError(f"adapter.residual_before_ln={self.residual_before_ln!r} must be True, False or 'post_add'")
+        if self.residual_before_ln == "post_add" and not self.original_ln_before:
+            raise ValueError("adapter.residual_before_ln='post_add' needs original_ln_before=True "
+                             "(there is no post-add sum to take otherwise)")
 
     def dim(self, d_model: int) -> int:
         """The bottleneck size r for a model of width d_model."""
@@ -93,19 +98,24 @@ def _inits(cfg: BottleneckConfig):
     return nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), nn.initializers.zeros  # mam
 
 
-def bottleneck(module: nn.Module, c: BottleneckConfig, z, deterministic: bool, dtype=jnp.float32):
+def bottleneck(module: nn.Module, c: BottleneckConfig, z, deterministic: bool, dtype=jnp.float32,
+               proj=None):
     """The bare bottleneck A(z) [B, T, D] -> [B, T, D], scaled, without any residual.
 
     Called from inside `module`'s compact method, so that its parameters (down, up, ...)
-    sit directly under `module`: `.../ffn_adapter/<name>/down/kernel`.
+    sit directly under `module`: `.../ffn_adapter/<name>/down/kernel`. `proj(features, name)`
+    builds a projection (default nn.Dense; Compacter passes its PHM layer).
     """
     d = z.shape[-1]
-    down_init, up_init = _inits(c)
+    if proj is None:
+        down_init, up_init = _inits(c)
+        inits = {"down": down_init, "up": up_init}
+        proj = lambda feats, name: nn.Dense(feats, use_bias=c.use_bias, dtype=dtype, kernel_init=inits[name],
+                                            name=name)
     if c.ln_before:
         z = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="ln_before")(z)
-    h = nn.Dense(c.dim(d), use_bias=c.use_bias, dtype=dtype, kernel_init=down_init, name="down")(z)
-    h = ACTIVATIONS[c.activation](h)  # [B, T, r]
-    up = nn.Dense(d, use_bias=c.use_bias, dtype=dtype, kernel_init=up_init, name="up")(h)
+    h = ACTIVATIONS[c.activation](proj(c.dim(d), "down")(z))  # [B, T, r]
+    up = proj(d, "up")(h)  # [B, T, D]
     if c.scaling == "learned":
         up = up * module.param("scaling", nn.initializers.ones, (1,)).astype(up.dtype)
     elif c.scaling == "channel":
@@ -115,38 +125,48 @@ def bottleneck(module: nn.Module, c: BottleneckConfig, z, deterministic: bool, d
     return nn.Dropout(c.dropout)(up, deterministic=deterministic)
 
 
+def around_core(c: BottleneckConfig, core, h_out, x, layer_norm, ln_after):
+    """The residual and LayerNorm wiring of AdapterHub around a core A (see the module doc).
+
+    core: z -> A(z); ln_after: the adapter's own output LayerNorm (used if c.ln_after).
+    """
+    norm = (lambda y: y) if layer_norm is None else layer_norm
+    if c.is_parallel:
+        y = core(x)
+        if c.ln_after:
+            y = ln_after(y)
+        return norm(h_out + y + x)
+    residual = h_out if c.residual_before_ln is True else None
+    z = h_out
+    if c.original_ln_before:
+        z = h_out + x
+        if c.residual_before_ln == "post_add":
+            residual = z
+        z = norm(z)
+    if not c.residual_before_ln:
+        residual = z
+    y = core(z)
+    if c.adapter_residual_before_ln:
+        y = y + residual
+    if c.ln_after:
+        y = ln_after(y)
+    if not c.adapter_residual_before_ln:
+        y = y + residual
+    return norm(y + x) if c.original_ln_after else y
+
+
 class BottleneckAdapter(nn.Module):
     """A bottleneck adapter at an activation site, AdapterHub semantics (see module doc)."""
     config: BottleneckConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h_out, x, layer_norm, deterministic: bool = True):
+    def __call__(self, h_out, x, layer_norm, deterministic: bool = True, shared=None):
+        del shared  # cross-layer parameters are Compacter's; plain bottlenecks have none
         c = self.config
         core = lambda z: bottleneck(self, c, z, deterministic, self.dtype)
-        norm = (lambda y: y) if layer_norm is None else layer_norm
-        if c.is_parallel:
-            y = core(x)
-            if c.ln_after:
-                y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_after")(y)
-            return norm(h_out + y + x)
-        residual = h_out if c.residual_before_ln is True else None
-        z = h_out
-        if c.original_ln_before:
-            z = h_out + x
-            if c.residual_before_ln == "post_add":
-                residual = z
-            z = norm(z)
-        if not c.residual_before_ln:
-            residual = z
-        y = core(z)
-        if c.adapter_residual_before_ln:
-            y = y + residual
-        if c.ln_after:
-            y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_after")(y)
-        if not c.adapter_residual_before_ln:
-            y = y + residual
-        return norm(y + x) if c.original_ln_after else y
+        ln_after = lambda y: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_after")(y)
+        return around_core(c, core, h_out, x, layer_norm, ln_after)
 
 
 def _register():

@@ -21,7 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from adapters_jax.adapters.bottleneck import ACTIVATIONS, BottleneckConfig
+from adapters_jax.adapters.bottleneck import BottleneckConfig, around_core, bottleneck
 
 W_INITS = ("glorot-uniform", "glorot-normal", "normal")
 C_INITS = ("normal", "uniform")
@@ -125,53 +125,6 @@ class PHMDense(nn.Module):
         return y
 
 
-def phm_bottleneck(module: nn.Module, c: CompacterConfig, z, rule, deterministic: bool, dtype=jnp.float32):
-    """A(z) with PHM projections: the counterpart of bottleneck.bottleneck (same names, same flags)."""
-    d = z.shape[-1]
-    if c.ln_before:
-        z = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="ln_before")(z)
-    h = ACTIVATIONS[c.activation](PHMDense(c.dim(d), c, dtype, name="down")(z, rule))  # [B, T, r]
-    up = PHMDense(d, c, dtype, name="up")(h, rule)
-    if c.scaling == "learned":
-        up = up * module.param("scaling", nn.initializers.ones, (1,)).astype(up.dtype)
-    elif c.scaling == "channel":
-        up = up * module.param("scaling", nn.initializers.ones, (d,)).astype(up.dtype)
-    elif c.scaling != 1.0:
-        up = up * c.scaling
-    return nn.Dropout(c.dropout)(up, deterministic=deterministic)
-
-
-def around_core(c: BottleneckConfig, core, h_out, x, layer_norm, ln_after):
-    """BottleneckAdapter's residual / LayerNorm wiring around any core A (see bottleneck.py's doc).
-
-    The same steps as BottleneckAdapter.__call__; tests/test_compacter.py checks that a
-    Compacter with phm_dim=1 equals a BottleneckAdapter for every flag combination.
-    """
-    norm = (lambda y: y) if layer_norm is None else layer_norm
-    if c.is_parallel:
-        y = core(x)
-        if c.ln_after:
-            y = ln_after(y)
-        return norm(h_out + y + x)
-    residual = h_out if c.residual_before_ln is True else None
-    z = h_out
-    if c.original_ln_before:
-        z = h_out + x
-        if c.residual_before_ln == "post_add":
-            residual = z
-        z = norm(z)
-    if not c.residual_before_ln:
-        residual = z
-    y = core(z)
-    if c.adapter_residual_before_ln:
-        y = y + residual
-    if c.ln_after:
-        y = ln_after(y)
-    if not c.adapter_residual_before_ln:
-        y = y + residual
-    return norm(y + x) if c.original_ln_after else y
-
-
 class CompacterAdapter(nn.Module):
     """A Compacter at an activation site; `shared` is the model-level rule (shared_phm_rule)."""
     config: CompacterConfig
@@ -184,7 +137,8 @@ class CompacterAdapter(nn.Module):
             raise ValueError("compacter with shared_phm_rule=True needs the model-level rule: the backbone "
                              "must build the shared_adapters site and pass shared= to its activation sites")
         rule = shared if c.shared_phm_rule else None
-        core = lambda z: phm_bottleneck(self, c, z, rule, deterministic, self.dtype)
+        proj = lambda feats, name: (lambda z: PHMDense(feats, c, self.dtype, name=name)(z, rule))
+        core = lambda z: bottleneck(self, c, z, deterministic, self.dtype, proj=proj)
         ln_after = lambda y: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_after")(y)
         return around_core(c, core, h_out, x, layer_norm, ln_after)
 
