@@ -136,7 +136,10 @@ def _source_kwargs(config) -> dict:
     if config.data.data_dir:
         kw["data_dir"] = config.data.data_dir
     if config.data.get("files"):
-        kw["files"] = dict(config.data.files)
+        try:
+            kw["files"] = dict(part.split("=", 1) for part in config.data.files.split(","))
+        except ValueError:
+            raise ValueError(f"data.files={config.data.files!r}: use 'train=PATH,validation=PATH'") from None
     if config.data.get("glue_dir"):
         kw["glue_dir"] = config.data.glue_dir
     if config.data.get("skip_bad_rows"):
