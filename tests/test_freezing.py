@@ -109,3 +109,18 @@ def test_nonfinite_step_is_skipped_when_configured():
     assert int(metrics["nonfinite"]) == 1 and int(new.step) == 1
     for a, b in zip(jax.tree_util.tree_leaves(state.trainable), jax.tree_util.tree_leaves(new.trainable)):
         assert np.array_equal(a, b)
+
+
+def test_parameter_report_counts_match_the_formulas():
+    from adapters_jax import report
+    model, params, labels, _ = _setup()  # Houlsby r=8 on the tiny model, head of 3 labels
+    rep = report.parameter_report(params, labels)
+    d, r, n_layers = TINY.hidden_size, 8, TINY.num_layers
+    per_adapter = 2 * d * r + d + r
+    assert rep["by_site"] == {"attn_adapter": n_layers * per_adapter, "ffn_adapter": n_layers * per_adapter}
+    assert rep["by_adapter"] == {"adapter": 2 * n_layers * per_adapter}
+    assert rep["head"] == d * 3 + 3
+    assert rep["trainable"] == 2 * n_layers * per_adapter + d * 3 + 3
+    assert rep["base"] + rep["trainable"] == rep["total"]
+    assert abs(rep["trainable_pct"] - 100 * rep["trainable"] / rep["base"]) < 1e-9
+    assert "site attn_adapter" in report.format_report(rep)
