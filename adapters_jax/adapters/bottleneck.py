@@ -125,17 +125,11 @@ def bottleneck(module: nn.Module, c: BottleneckConfig, z, deterministic: bool, d
     return nn.Dropout(c.dropout)(up, deterministic=deterministic)
 
 
-def around_core(c: BottleneckConfig, core, h_out, x, layer_norm, ln_after):
-    """The residual and LayerNorm wiring of AdapterHub around a core A (see the module doc).
-
-    core: z -> A(z); ln_after: the adapter's own output LayerNorm (used if c.ln_after).
-    """
-    norm = (lambda y: y) if layer_norm is None else layer_norm
+def pre_forward(c: BottleneckConfig, h_out, x, layer_norm):
+    """(adapter input z, residual) before the adapter(s) run (AdapterHub's pre_forward)."""
     if c.is_parallel:
-        y = core(x)
-        if c.ln_after:
-            y = ln_after(y)
-        return norm(h_out + y + x)
+        return x, x
+    norm = (lambda y: y) if layer_norm is None else layer_norm
     residual = h_out if c.residual_before_ln is True else None
     z = h_out
     if c.original_ln_before:
@@ -145,28 +139,51 @@ def around_core(c: BottleneckConfig, core, h_out, x, layer_norm, ln_after):
         z = norm(z)
     if not c.residual_before_ln:
         residual = z
-    y = core(z)
-    if c.adapter_residual_before_ln:
-        y = y + residual
+    return z, residual
+
+
+def adapter_output(c: BottleneckConfig, up, residual, ln_after):
+    """One adapter's output from its bottleneck output `up` (AdapterHub's Adapter.forward)."""
+    if c.is_parallel:
+        return ln_after(up) if c.ln_after else up
+    y = up + residual if c.adapter_residual_before_ln else up
     if c.ln_after:
         y = ln_after(y)
-    if not c.adapter_residual_before_ln:
-        y = y + residual
+    return y if c.adapter_residual_before_ln else y + residual
+
+
+def post_forward(c: BottleneckConfig, y, h_out, x, layer_norm):
+    """The block's own residual and LayerNorm after the adapter(s) (AdapterHub's post_forward)."""
+    norm = (lambda v: v) if layer_norm is None else layer_norm
+    if c.is_parallel:
+        return norm(y + h_out + x)
     return norm(y + x) if c.original_ln_after else y
 
 
 class BottleneckAdapter(nn.Module):
-    """A bottleneck adapter at an activation site, AdapterHub semantics (see module doc)."""
+    """A bottleneck adapter at an activation site, AdapterHub semantics (see module doc).
+
+    `forward` is one adapter's own computation; compositions (Stack, Fuse) call it between
+    one `pre_forward` and one `post_forward`, as AdapterHub does.
+    """
     config: BottleneckConfig
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, h_out, x, layer_norm, deterministic: bool = True, shared=None):
+    def core(self, z, deterministic: bool, shared):
         del shared  # cross-layer parameters are Compacter's; plain bottlenecks have none
-        c = self.config
-        core = lambda z: bottleneck(self, c, z, deterministic, self.dtype)
+        return bottleneck(self, self.config, z, deterministic, self.dtype)
+
+    @nn.compact
+    def forward(self, z, residual, deterministic: bool = True, shared=None):
+        """(output, up): the adapter output and its scaled bottleneck output A(z) (fusion's input)."""
+        up = self.core(z, deterministic, shared)
         ln_after = lambda y: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_after")(y)
-        return around_core(c, core, h_out, x, layer_norm, ln_after)
+        return adapter_output(self.config, up, residual, ln_after), up
+
+    def __call__(self, h_out, x, layer_norm, deterministic: bool = True, shared=None):
+        z, residual = pre_forward(self.config, h_out, x, layer_norm)
+        y, _ = self.forward(z, residual, deterministic, shared)
+        return post_forward(self.config, y, h_out, x, layer_norm)
 
 
 def _register():

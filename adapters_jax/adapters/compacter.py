@@ -21,7 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from adapters_jax.adapters.bottleneck import BottleneckConfig, around_core, bottleneck
+from adapters_jax.adapters.bottleneck import BottleneckAdapter, BottleneckConfig, bottleneck
 
 W_INITS = ("glorot-uniform", "glorot-normal", "normal")
 C_INITS = ("normal", "uniform")
@@ -125,22 +125,20 @@ class PHMDense(nn.Module):
         return y
 
 
-class CompacterAdapter(nn.Module):
-    """A Compacter at an activation site; `shared` is the model-level rule (shared_phm_rule)."""
+class CompacterAdapter(BottleneckAdapter):
+    """A Compacter at an activation site: a bottleneck whose projections are PHM layers;
+    `shared` is the model-level rule (shared_phm_rule)."""
     config: CompacterConfig
     dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, h_out, x, layer_norm, deterministic: bool = True, shared=None):
+    def core(self, z, deterministic: bool, shared):
         c = self.config
         if c.shared_phm_rule and shared is None:
             raise ValueError("compacter with shared_phm_rule=True needs the model-level rule: the backbone "
                              "must build the shared_adapters site and pass shared= to its activation sites")
         rule = shared if c.shared_phm_rule else None
-        proj = lambda feats, name: (lambda z: PHMDense(feats, c, self.dtype, name=name)(z, rule))
-        core = lambda z: bottleneck(self, c, z, deterministic, self.dtype, proj=proj)
-        ln_after = lambda y: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_after")(y)
-        return around_core(c, core, h_out, x, layer_norm, ln_after)
+        proj = lambda feats, name: (lambda v: PHMDense(feats, c, self.dtype, name=name)(v, rule))
+        return bottleneck(self, c, z, deterministic, self.dtype, proj=proj)
 
 
 class CompacterShared(nn.Module):

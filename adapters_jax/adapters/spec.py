@@ -88,17 +88,7 @@ class AdapterSpec:
 
     def __call__(self, site: str, layer: int):
         """SiteFiller: the module factory for `site` in `layer`, or None."""
-        if site == sites.SHARED:
-            shared = tuple((self.name, p.method, p.config) for p in self.placements
-                           if p.method in SHARED_MODULES)
-            return functools.partial(SharedSite, members=shared[:1]) if shared else None
-        p = self.placement(site, layer)
-        if p is None:
-            return None
-        module_cls = METHODS[p.method][1]
-        if SITE_KIND[site] == "dense":  # replaces nn.Dense, keeping its kernel/bias paths
-            return functools.partial(module_cls, adapter=p.config, adapter_name=self.name)
-        return functools.partial(NamedSite, members=((self.name, p.method, p.config),))
+        return site_factory((self,), site, layer)
 
     def validate(self, num_layers: int, d_model: int, available_sites: Sequence[str]) -> "AdapterSpec":
         """Raises a one-line ValueError for a site, layer or dimension this model cannot take."""
@@ -117,25 +107,59 @@ class AdapterSpec:
         return self
 
 
+def site_factory(specs: Sequence[AdapterSpec], site: str, layer: int, composition: str = "select",
+                 fusion: Any = None, fusion_name: str = "fusion"):
+    """The module factory for `site` in `layer` given one or more adapters (None: empty site)."""
+    if site == sites.SHARED:
+        shared = {}  # one entry per adapter name: its first placement that has shared params
+        for s in specs:
+            for p in s.placements:
+                if p.method in SHARED_MODULES and s.name not in shared:
+                    shared[s.name] = (s.name, p.method, p.config)
+        return functools.partial(SharedSite, members=tuple(shared.values())) if shared else None
+    members = tuple((s.name, p.method, p.config) for s in specs if (p := s.placement(site, layer)) is not None)
+    if not members:
+        return None
+    kind = SITE_KIND[site]
+    if kind == "dense":  # replaces nn.Dense, keeping its kernel/bias paths
+        if len(members) > 1:
+            raise ValueError(f"adapters {', '.join(m[0] for m in members)} all fill the dense site {site!r}: "
+                             "composing several LoRA/IA3 adapters at one site is not supported; merge them")
+        name, method, config = members[0]
+        return functools.partial(METHODS[method][1], adapter=config, adapter_name=name)
+    if len(members) > 1 and kind != "activation":
+        raise ValueError(f"adapters {', '.join(m[0] for m in members)} all fill the {kind} site {site!r}: "
+                         "only activation-site adapters (bottleneck, compacter) can be composed")
+    return functools.partial(NamedSite, members=members, composition=composition, fusion=fusion,
+                             fusion_name=fusion_name)
+
+
 class NamedSite(nn.Module):
-    """The module at an activation/prefix/prompt site: holds adapters by name (`<site>/<name>`)."""
+    """The module at an activation/prefix/prompt site: holds adapters by name (`<site>/<name>`)
+    and composes them (see adapters/composition.py) when there are several."""
     members: tuple  # ((name, method, config), ...)
-    dtype: Any = None
+    composition: str = "select"
+    fusion: Any = None
+    fusion_name: str = "fusion"
 
     @nn.compact
-    def __call__(self, *args, **kwargs):
-        name, method, config = self.members[0]
-        return METHODS[method][1](config, name=name)(*args, **kwargs)
+    def __call__(self, *args, context=None, **kwargs):
+        shared = (context or {}).get("shared") or {}
+        modules = [(METHODS[m][1](cfg, name=n), shared.get(n)) for n, m, cfg in self.members]
+        if len(modules) == 1 and self.composition != "fuse":
+            module, sh = modules[0]
+            return module(*args, **kwargs, **({} if sh is None else {"shared": sh}))
+        from adapters_jax.adapters import composition
+        return composition.compose(self, modules, self.composition, context, *args, **kwargs)
 
 
 class SharedSite(nn.Module):
-    """Cross-layer parameters at `shared_adapters/<name>/...`; returns them for every site."""
-    members: tuple  # ((name, method, config),)
+    """Cross-layer parameters at `shared_adapters/<name>/...`: {name: params} for every site."""
+    members: tuple  # ((name, method, config), ...)
 
     @nn.compact
     def __call__(self):
-        name, method, config = self.members[0]
-        return SHARED_MODULES[method](config, name=name)()
+        return {name: SHARED_MODULES[method](config, name=name)() for name, method, config in self.members}
 
 
 def parse_layers(value: Union[None, str, int, Sequence[int]]) -> Optional[tuple[int, ...]]:

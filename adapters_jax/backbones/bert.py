@@ -150,13 +150,13 @@ class BertLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool, shared=None):
+    def __call__(self, x, key_mask, deterministic: bool, ctx=None):
         c = self.config
         attn = BertAttention(c, self.layer, self.filler, self.dtype, name="attention")(
             x, key_mask, deterministic)
         attn_norm = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_norm")
         h = sites.activation(self.filler, sites.ATTN_OUTPUT, self.layer, attn, x, attn_norm,
-                             deterministic, shared)  # [B, T, D]
+                             deterministic, ctx)  # [B, T, D]
         dense = lambda site, feats: sites.dense(
             self.filler, site, self.layer, features=feats, use_bias=True, dtype=self.dtype,
             kernel_init=nn.initializers.normal(0.02), name=site)
@@ -165,7 +165,7 @@ class BertLayer(nn.Module):
         y = nn.Dropout(c.hidden_dropout)(y, deterministic=deterministic)
         ffn_norm = LayerNorm(c.layer_norm_eps, self.dtype, name="ffn_norm")
         return sites.activation(self.filler, sites.FFN_OUTPUT, self.layer, y, h, ffn_norm,
-                                deterministic, shared)
+                                deterministic, ctx)
 
 
 class BertEncoder(nn.Module):
@@ -175,11 +175,11 @@ class BertEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, key_mask, deterministic: bool, output_hidden_states: bool = False,
-                 shared=None):
+                 ctx=None):
         hidden = [x]
         for i in range(self.config.num_layers):
             x = BertLayer(self.config, i, self.filler, self.dtype, name=f"layer_{i}")(
-                x, key_mask, deterministic, shared)
+                x, key_mask, deterministic, ctx)
             hidden.append(x)
         return x, (tuple(hidden) if output_hidden_states else None)
 
@@ -195,7 +195,8 @@ class BertModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
-                 deterministic: bool = True, output_hidden_states: bool = False):
+                 deterministic: bool = True, output_hidden_states: bool = False, adapter_ids=None):
+        """adapter_ids: [B] ints choosing each row's adapter when several are composed by 'select'."""
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
@@ -206,7 +207,7 @@ class BertModel(nn.Module):
         if prompt is not None:
             x, attention_mask = prompt(name=sites.EMBED_PROMPT)(x, attention_mask)
         x, hidden = BertEncoder(self.config, self.filler, self.dtype, name="encoder")(
-            x, attention_mask, deterministic, output_hidden_states, sites.shared(self.filler))
+            x, attention_mask, deterministic, output_hidden_states, sites.context(self.filler, adapter_ids))
         out = {"last_hidden_state": x, "attention_mask": attention_mask}
         if hidden is not None:
             out["hidden_states"] = hidden

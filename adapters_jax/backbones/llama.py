@@ -143,13 +143,13 @@ class LlamaLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, position_ids, deterministic: bool, shared=None):
+    def __call__(self, x, key_mask, position_ids, deterministic: bool, ctx=None):
         c = self.config
         a = RMSNorm(c.rms_norm_eps, self.dtype, name="attention_norm")(x)
         a = LlamaAttention(c, self.layer, self.filler, self.dtype, name="attention")(
             a, key_mask, position_ids, deterministic)
         h = sites.activation(self.filler, sites.ATTN_OUTPUT, self.layer, a, x, None,
-                             deterministic, shared)  # [B, T, D]
+                             deterministic, ctx)  # [B, T, D]
         dense = lambda site, feats: sites.dense(
             self.filler, site, self.layer, features=feats, use_bias=c.mlp_bias, dtype=self.dtype,
             kernel_init=nn.initializers.normal(c.initializer_range), name=site)
@@ -158,7 +158,7 @@ class LlamaLayer(nn.Module):
             dense(sites.FFN_IN, c.intermediate_size)(y)  # [B, T, F]
         y = dense(sites.FFN_OUT, c.hidden_size)(y)  # [B, T, D]
         return sites.activation(self.filler, sites.FFN_OUTPUT, self.layer, y, h, None, deterministic,
-                                shared)
+                                ctx)
 
 
 class LlamaLayers(nn.Module):
@@ -168,11 +168,11 @@ class LlamaLayers(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, position_ids, deterministic: bool, shared=None):
+    def __call__(self, x, key_mask, position_ids, deterministic: bool, ctx=None):
         hidden = [x]
         for i in range(self.config.num_layers):
             x = LlamaLayer(self.config, i, self.filler, self.dtype, name=f"layer_{i}")(
-                x, key_mask, position_ids, deterministic, shared)
+                x, key_mask, position_ids, deterministic, ctx)
             hidden.append(x)
         return x, hidden
 
@@ -196,7 +196,7 @@ class LlamaModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None,
-                 deterministic: bool = True, output_hidden_states: bool = False):
+                 deterministic: bool = True, output_hidden_states: bool = False, adapter_ids=None):
         c = self.config
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
@@ -216,7 +216,7 @@ class LlamaModel(nn.Module):
                 head = jnp.broadcast_to(jnp.arange(n_prompt), (x.shape[0], n_prompt))
                 position_ids = jnp.concatenate([head, position_ids + n_prompt], axis=1)
         x, hidden = LlamaLayers(c, self.filler, self.dtype, name="layers")(
-            x, attention_mask, position_ids, deterministic, sites.shared(self.filler))
+            x, attention_mask, position_ids, deterministic, sites.context(self.filler, adapter_ids))
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)  # [B, T', D]
         if c.tie_word_embeddings:
             logits = embed.attend(x)  # x @ embedding.T, [B, T', V]

@@ -22,8 +22,10 @@ Site kinds and the call each filled site must support:
 * The attention site ATTN_PREFIX ("prefix"): the module is called as `module(batch)` and
   returns (keys, values), each [B, P, H_kv, Dh], prepended to every head's keys/values.
 * The model-level site SHARED ("shared_adapters", layer -1) holds parameters shared across
-  layers (Compacter's PHM rules). The model calls `module()` once; its result (a pytree, or
-  None) reaches every activation site as the keyword argument `shared=`.
+  layers (Compacter's PHM rules). The model calls `module()` once per call.
+* Per-call context: the model builds `context(filler, adapter_ids)` once, a dict with the
+  shared parameters and the per-example adapter ids [B] (None when unused), and every filled
+  activation site receives it as the keyword argument `context=`.
 * The embedding site EMBED_PROMPT ("prompt"): `module(embeddings [B,T,D], mask [B,T])`
   returns the extended (embeddings, mask).
 """
@@ -68,17 +70,21 @@ def add_and_norm(sublayer_out, sublayer_in, layer_norm):
     return h if layer_norm is None else layer_norm(h)
 
 
-def shared(filler: Optional[SiteFiller]):
-    """Builds the model-level shared parameters (call it from the model's compact method)."""
+def context(filler: Optional[SiteFiller], adapter_ids=None) -> Optional[dict]:
+    """The per-call context for activation sites (call it from the model's compact method):
+    {'shared': model-level shared params or None, 'adapter_ids': [B] ints or None}."""
     factory = lookup(filler, SHARED, -1)
-    return None if factory is None else factory(name=SHARED)()
+    shared = None if factory is None else factory(name=SHARED)()
+    if shared is None and adapter_ids is None:
+        return None
+    return {"shared": shared, "adapter_ids": adapter_ids}
 
 
 def activation(filler: Optional[SiteFiller], site: str, layer: int, sublayer_out,
-               sublayer_in, layer_norm, deterministic: bool, shared_params=None):
+               sublayer_in, layer_norm, deterministic: bool, ctx: Optional[dict] = None):
     """Runs an activation site: the filled module, or the plain residual add & norm."""
     factory = lookup(filler, site, layer)
     if factory is None:
         return add_and_norm(sublayer_out, sublayer_in, layer_norm)
-    extra = {} if shared_params is None else {"shared": shared_params}
+    extra = {} if ctx is None else {"context": ctx}
     return factory(name=site)(sublayer_out, sublayer_in, layer_norm, deterministic=deterministic, **extra)
