@@ -1,0 +1,68 @@
+"""Serving: one base in memory, adapters swapped from export directories without recompiling."""
+import json
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+from adapters_jax.serving import AdapterServer
+
+TEXTS = ["a warm, funny film", "tedious and overlong", "the plot never lands", "great cast", "meh"]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Two short smoke runs (tiny random BERT) with different adapters, and their exports."""
+    import importlib
+    from adapters_jax.train_loop import train_and_evaluate
+    out = {}
+    for name, cfg_name, lr in (("pos", "houlsby_r64", 1e-2), ("neg", "houlsby_r64", 3e-2)):
+        config = importlib.import_module(f"configs.{cfg_name}").get_config("smoke")
+        config.adapter.name = name
+        config.optim.lr = lr
+        work = tmp_path_factory.mktemp(name)
+        train_and_evaluate(config, str(work))
+        out[name] = str(work / "adapter")
+    return out
+
+
+def test_swapping_adapters_does_not_recompile_and_mixed_batches_match(exports):
+    server = AdapterServer("tiny-random-bert", max_length=32)
+    a = server.load(exports["pos"])
+    b = server.load(exports["neg"])
+    assert a.load_ms < 1000 and b.load_ms < 1000
+    la = server.predict(TEXTS, "pos")
+    lb = server.predict(TEXTS, "neg")
+    la2 = server.predict(TEXTS, "pos")
+    assert server.compiles == 1  # same architecture: one program for both adapters
+    np.testing.assert_array_equal(la, la2)
+    assert not np.allclose(la, lb)
+    which = ["pos", "neg", "neg", "pos", "neg"]
+    mixed = server.predict_mixed(TEXTS, which)
+    for row, name in enumerate(which):
+        want = la[row] if name == "pos" else lb[row]
+        np.testing.assert_allclose(mixed[row], want, atol=1e-5)
+
+
+def test_exports_for_another_base_or_with_pickles_are_refused(exports, tmp_path):
+    server = AdapterServer("tiny-random-bert", max_length=32)
+    other = tmp_path / "other_base"
+    shutil.copytree(exports["pos"], other)
+    meta = json.loads((other / "adapter_config.json").read_text())
+    meta["base_sha256"] = "0" * 64
+    (other / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="different base model"):
+        server.load(str(other))
+    pickled = tmp_path / "pickled"
+    shutil.copytree(exports["pos"], pickled)
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    (pickled / "adapter.safetensors").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(ValueError, match="adapter.safetensors: not a readable safetensors file"):
+        server.load(str(pickled))
+    assert not (tmp_path / "pwned").exists()
