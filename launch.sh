@@ -40,7 +40,7 @@ case "$MODE" in
     ;;
   sweep)
     [[ $# -ge 1 ]] || { echo "error: sweep needs a SWEEP file" >&2; usage; }
-    [[ -f "$1" ]] || { echo "error: sweep file $1 not found" >&2; exit 2; }
+    [[ -f "${1%%:*}" ]] || { echo "error: sweep file ${1%%:*} not found" >&2; exit 2; }
     SWEEP="$1"; shift
     run python -m experiments.sweep --sweep="$SWEEP" "$@"
     ;;

@@ -36,6 +36,18 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
+def parse_flags(argv):
+    """absl's parsing, with a bad flag or config override reported in one line, not a traceback."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: a field the locked config does not have
+        raw = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\", "").replace("'", "")
+        msg = " ".join(raw.split())
+        sys.exit(f"error: unknown config field {msg} (the config is locked: check the spelling)")
+    except (flags.Error, TypeError, ValueError) as e:
+        sys.exit(f"error: bad command line: {' '.join(str(e).split())}")
+
+
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -76,4 +76,5 @@ def test_bad_config_fails_with_a_message_naming_the_field(override, needle, tmp_
     out = subprocess.run(_cmd("--config=configs/houlsby_r64.py:smoke", f"--workdir={tmp_path}", override),
                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
-    assert needle in out.stderr
+    assert needle in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: ")
