@@ -86,9 +86,15 @@ def base_fingerprint(model_dir: str) -> str:
     raise FileNotFoundError(f"{model_dir}: no weights file to fingerprint")
 
 
-def spec_to_dict(spec: Optional[AdapterSpec]) -> Optional[dict]:
+def spec_to_dict(spec) -> Optional[dict]:
+    """An AdapterSpec (or an AdapterSetup of several) as JSON-ready data."""
     if spec is None:
         return None
+    if hasattr(spec, "adapters"):  # AdapterSetup
+        import dataclasses
+        return {"setup": [spec_to_dict(a) for a in spec.adapters], "composition": spec.composition,
+                "fusion": None if spec.fusion is None else dataclasses.asdict(spec.fusion),
+                "fusion_name": spec.fusion_name}
     return {"name": spec.name, "adapter_drop": spec.adapter_drop,
             "placements": [{"site": p.site, "method": p.method,
                             "layers": None if p.layers is None else list(p.layers),
@@ -100,9 +106,19 @@ def _config_dict(cfg) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
-def spec_from_dict(d: Optional[dict], source: str = "adapter config") -> Optional[AdapterSpec]:
+def spec_from_dict(d: Optional[dict], source: str = "adapter config"):
+    """The inverse of spec_to_dict: an AdapterSpec, an AdapterSetup, or None."""
     if d is None:
         return None
+    if "setup" in d:
+        from adapters_jax.adapters.composition import AdapterSetup
+        from adapters_jax.adapters.fusion import FusionConfig
+        try:
+            return AdapterSetup(tuple(spec_from_dict(a, source) for a in d["setup"]), d["composition"],
+                                None if d.get("fusion") is None else FusionConfig(**d["fusion"]),
+                                d.get("fusion_name", "fusion"))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{source}: invalid adapter setup ({type(e).__name__}: {e})") from None
     try:
         placements = []
         for p in d["placements"]:

@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from adapters_jax import checkpoint, metrics, optim, parallel, peft, report, rules, trainer
-from adapters_jax.adapters import spec_from_config
+from adapters_jax.adapters import AdapterSetup, FusionConfig, spec_from_config
+from adapters_jax.adapters.from_exports import setup_from_exports
+from adapters_jax.adapters.fusion import regularization as fusion_regularization
 from adapters_jax.adapters.prefix import head_options
 from adapters_jax.backbones import sites
 from adapters_jax.data import make_datasets
@@ -28,25 +30,35 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build(config, backbone=None):
-    """(backbone, spec, model): the pretrained backbone with the config's adapters and head."""
+    """(backbone, spec, model, preloaded): the pretrained backbone with the config's adapters and
+    head; `preloaded` holds adapter params read from earlier runs (AdapterFusion), else None."""
     if config.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype={config.model.dtype!r} is not one of {sorted(DTYPES)}")
     backbone = backbone or load_backbone(config.model.name, dtype=DTYPES[config.model.dtype])
     options = config.adapter.to_dict()
-    if options.get("method") == "prefix":  # the prefix layout follows the model's attention heads
-        options = {**head_options(backbone.config), **options}
-    spec = spec_from_config(**options)
+    preloaded = None
+    if options.get("method") == "fusion":
+        fusion = config.fusion.to_dict()
+        dirs = [d for d in fusion.pop("adapters").split(",") if d]
+        name = fusion.pop("name")
+        spec, preloaded = setup_from_exports(dirs, checkpoint.base_fingerprint(backbone.path),
+                                             FusionConfig(**fusion), fusion_name=name)
+    else:
+        if options.get("method") == "prefix":  # the prefix layout follows the model's attention heads
+            options = {**head_options(backbone.config), **options}
+        spec = spec_from_config(**options)
     if spec is not None:
         available = [s for s in sites.ALL_SITES if s != sites.FFN_GATE or config.model.name.startswith("llama")]
         spec.validate(backbone.config.num_layers, backbone.config.hidden_size, available)
     head = ClassificationHead(config.data.num_labels, pooling=config.head.pooling,
                               dropout=config.head.dropout, dtype=DTYPES[config.model.dtype])
     model = AdaptedModel(backbone.model.clone(filler=spec), head)
-    return backbone, spec, model
+    return backbone, spec, model, preloaded
 
 
 def _freeze_rules(config, spec):
-    return peft.make_rules([spec.name] if spec else [], train_head=config.freeze.train_head,
+    names = [spec.fusion_name] if isinstance(spec, AdapterSetup) else [spec.name] if spec else []
+    return peft.make_rules(names, train_head=config.freeze.train_head,
                            train_layernorm=config.freeze.train_layernorm, train_bias=config.freeze.train_bias,
                            train_all=config.freeze.train_all)
 
@@ -62,9 +74,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
                          buckets=tuple(config.data.buckets), **_source_kwargs(config))
     with config.unlocked():
         config.data.num_labels = data.num_labels
-    backbone, spec, model = build(config, backbone)
+    backbone, spec, model, preloaded = build(config, backbone)
     sample = {k: v for k, v in next(iter(data.eval_batches)).items() if k != "example_index"}
     params = init_with_base(model, backbone.params, jax.random.PRNGKey(config.seed), sample)
+    if preloaded is not None:  # AdapterFusion: the trained adapters, frozen by the rules
+        params = _place(params, preloaded, "fusion.adapters")
     labels = rules.labels_for(params, _freeze_rules(config, spec))
     if config.init_from:
         params = _load_init(params, config.init_from)
@@ -151,6 +165,9 @@ def _compile(config, model, tx, state):
     """(step, eval, put_state, put_batch, get_metrics) for config.parallelism 'jit' or 'pmap'."""
     tr = config.train
     kw = dict(task=config.task, accum_steps=tr.accum_steps, skip_nonfinite=tr.skip_nonfinite)
+    setup = model.backbone.filler
+    if isinstance(setup, AdapterSetup) and setup.fusion is not None and setup.fusion.regularization:
+        kw["regularizer"] = lambda params: fusion_regularization(params, setup.fusion_name)
     eval_step = trainer.make_eval_step(model, config.task)
     if config.parallelism == "pmap":
         step = parallel.pmap_step(trainer.make_train_step(model, tx, axis_name=parallel.PMAP_AXIS, **kw))
@@ -221,9 +238,13 @@ def _export(directory, state, config, meta, step, ev) -> int:
 
 def _load_init(params: dict, directory: str) -> dict:
     """Starts from another run's trainable params (its adapter export)."""
-    from flax import traverse_util
     _, loaded = checkpoint.read_adapter(directory)
-    checkpoint.check_fits(params, loaded, directory)
+    return _place(params, loaded, directory)
+
+
+def _place(params: dict, loaded: dict, source: str) -> dict:
+    from flax import traverse_util
+    checkpoint.check_fits(params, loaded, source)
     flat = traverse_util.flatten_dict(dict(params))
     flat.update({k: jnp.asarray(v) for k, v in traverse_util.flatten_dict(loaded).items()})
     return traverse_util.unflatten_dict(flat)

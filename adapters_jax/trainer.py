@@ -55,7 +55,7 @@ def task_loss(logits: jnp.ndarray, batch: dict, task: str) -> tuple[jnp.ndarray,
 
 def make_train_step(model, tx: optax.GradientTransformation, *, task: str = "classification",
                     accum_steps: int = 1, skip_nonfinite: bool = False,
-                    axis_name: Optional[str] = None) -> Callable:
+                    axis_name: Optional[str] = None, regularizer: Optional[Callable] = None) -> Callable:
     """Returns train_step(state, batch) -> (state, metrics).
 
     Args:
@@ -66,11 +66,14 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str = "cla
         instead of applying the update.
       axis_name: the pmap axis to average gradients over (None under jit, where XLA's SPMD
         partitioner inserts the reductions itself).
+      regularizer: params -> scalar added to the loss (AdapterFusion's value regularizer).
     """
     def loss_fn(trainable, frozen, batch, rng):
-        logits = model.apply({"params": peft.merge(trainable, frozen)}, batch, deterministic=False,
-                             rngs={"dropout": rng})
+        params = peft.merge(trainable, frozen)
+        logits = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
         loss, weight = task_loss(logits, batch, task)
+        if regularizer is not None:
+            loss = loss + regularizer(params)
         return loss, weight
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
