@@ -8,6 +8,9 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
 flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (pods, multi-host GPU)")
+flags.DEFINE_string("coordinator", None, "with --multihost off a cluster: HOST:PORT of process 0")
+flags.DEFINE_integer("num_processes", None, "with --coordinator: how many processes")
+flags.DEFINE_integer("process_id", None, "with --coordinator: this process's index")
 FLAGS = flags.FLAGS
 
 
@@ -23,7 +26,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     import jax
     if FLAGS.multihost:
-        jax.distributed.initialize()
+        # CPU processes talk via gloo (harmless on GPU/TPU, where the CPU backend is unused).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     from adapters_jax.train_loop import train_and_evaluate
     workdir = FLAGS.workdir
     if not workdir:
