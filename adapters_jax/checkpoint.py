@@ -37,13 +37,38 @@ def _saved_state(state) -> dict:
     return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state, "rng": state.rng}
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the previous complete one is untouched."""
+
+
 def save(mngr: ocp.CheckpointManager, state, data_state: dict, extra: Optional[dict] = None,
          force: bool = False) -> bool:
-    """Saves step `state.step` (asynchronously when the manager is async)."""
+    """Saves step `state.step` (asynchronously when the manager is async).
+
+    Raises CheckpointSaveError (one line) if this save, or the previous asynchronous one, failed.
+    """
     step = int(jax.device_get(state.step))
     args = ocp.args.Composite(state=ocp.args.StandardSave(_saved_state(state)),
                               data=ocp.args.JsonSave({"iterator": data_state, **(extra or {})}))
-    return mngr.save(step, args=args, force=force)
+    try:
+        return mngr.save(step, args=args, force=force)
+    except Exception as e:  # disk full, read-only directory, ...
+        raise CheckpointSaveError(f"saving checkpoint step {step} in {mngr.directory} failed "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                                  f"the previous checkpoint stays valid") from None
+
+
+def finish(mngr: ocp.CheckpointManager, quiet: bool = False) -> None:
+    """Waits for asynchronous saves and closes the manager (quiet: report, do not raise)."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:
+        if not quiet:
+            raise CheckpointSaveError(f"finishing checkpoint saves in {mngr.directory} failed "
+                                      f"({type(e).__name__}); the previous checkpoint stays valid") from None
+        print(f"WARNING: an unfinished checkpoint save failed ({type(e).__name__}); it will not be used")
+    finally:
+        mngr.close()
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state):

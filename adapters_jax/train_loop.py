@@ -108,32 +108,37 @@ def train_and_evaluate(config, workdir: str) -> dict:
     best_key = f"eval_{config.metric}"
     best = _best_so_far(workdir, best_key)
     pending, t_log, last_log = [], time.perf_counter(), start
-    for step in range(start + 1, total + 1):
-        batch = next(data.train)
-        state, m = step_fn(state, put_batch(batch))
-        pending.append(m)  # device arrays: no host sync until the log step
-        if step % tr.log_every == 0 or step == total:
-            vals = get_metrics(pending)
-            pending = []
-            if vals["nonfinite"] and not tr.skip_nonfinite:
-                raise FloatingPointError(f"step {step}: loss is {vals['loss']} (NaN/inf); stopping without "
-                                         "saving. Set train.skip_nonfinite=True to skip such steps")
-            now = time.perf_counter()
-            sps = (step - last_log) / max(now - t_log, 1e-9)
-            t_log, last_log = now, step
-            log.write(step, {"loss": vals["loss"], "lr": float(sched(step - 1)), "grad_norm": vals["grad_norm"],
-                             "steps_per_sec": sps, "skipped": vals["nonfinite"]})
-            log.progress(step, vals["loss"])
-        if step % eval_every == 0 or step == total:
-            final = ev = evaluate(eval_fn, state, data.eval_batches, config, data.num_labels, put_batch)
-            log.write(step, {f"eval_{k}": v for k, v in ev.items()})
-            log.message(f"step {step}: " + ", ".join(f"eval_{k}={v:.4f}" for k, v in ev.items()))
-            if best is None or ev[config.metric] > best:
-                best = ev[config.metric]
-                _export(os.path.join(workdir, "adapter_best"), state, config, meta, step, ev)
-        if step % tr.ckpt_every == 0 or step == total:
-            checkpoint.save(mngr, state, data.train.get_state(), force=step == total)
-    mngr.wait_until_finished()
+    try:
+        for step in range(start + 1, total + 1):
+            batch = next(data.train)
+            state, m = step_fn(state, put_batch(batch))
+            pending.append(m)  # device arrays: no host sync until the log step
+            if step % tr.log_every == 0 or step == total or step % tr.ckpt_every == 0:  # never save unchecked
+                vals = get_metrics(pending)
+                pending = []
+                if vals["nonfinite"] and not tr.skip_nonfinite:
+                    raise FloatingPointError(f"step {step}: loss is {vals['loss']} (NaN/inf); stopping without "
+                                             "saving. Set train.skip_nonfinite=True to skip such steps")
+                now = time.perf_counter()
+                sps = (step - last_log) / max(now - t_log, 1e-9)
+                t_log, last_log = now, step
+                log.write(step, {"loss": vals["loss"], "lr": float(sched(step - 1)), "grad_norm": vals["grad_norm"],
+                                 "steps_per_sec": sps, "skipped": vals["nonfinite"]})
+                log.progress(step, vals["loss"])
+            if step % eval_every == 0 or step == total:
+                final = ev = evaluate(eval_fn, state, data.eval_batches, config, data.num_labels, put_batch)
+                log.write(step, {f"eval_{k}": v for k, v in ev.items()})
+                log.message(f"step {step}: " + ", ".join(f"eval_{k}={v:.4f}" for k, v in ev.items()))
+                if best is None or ev[config.metric] > best:
+                    best = ev[config.metric]
+                    _export(os.path.join(workdir, "adapter_best"), state, config, meta, step, ev)
+            if step % tr.ckpt_every == 0 or step == total:
+                checkpoint.save(mngr, state, data.train.get_state(), force=step == total)
+        checkpoint.finish(mngr)
+    except BaseException:
+        checkpoint.finish(mngr, quiet=True)  # a save under way completes; nothing new is written
+        log.close()
+        raise
     if start == total:  # resumed a finished run: nothing trained, evaluate what was restored
         final = evaluate(eval_fn, state, data.eval_batches, config, data.num_labels, put_batch)
     size = _export(os.path.join(workdir, "adapter"), state, config, meta, total, final)
@@ -141,7 +146,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 f"best {best_key}={best:.4f}; train time {time.perf_counter() - t_start:.0f}s")
     log.message(f"final {data.eval_split} " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
     log.close()
-    mngr.close()
     return {**final, "best": best, "trainable": rep["trainable"], "trainable_pct": rep["trainable_pct"]}
 
 

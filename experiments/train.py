@@ -29,6 +29,7 @@ def main(argv):
         # CPU processes talk via gloo (harmless on GPU/TPU, where the CPU backend is unused).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    from adapters_jax.checkpoint import CheckpointSaveError
     from adapters_jax.train_loop import train_and_evaluate
     workdir = FLAGS.workdir
     if not workdir:
@@ -37,7 +38,7 @@ def main(argv):
         print(f"--workdir not given: using {workdir}")
     try:
         train_and_evaluate(FLAGS.config, workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: one line, no traceback
+    except (ValueError, FileNotFoundError, FloatingPointError, CheckpointSaveError) as e:  # one line, no traceback
         sys.exit(f"error: {e}")
 
 
