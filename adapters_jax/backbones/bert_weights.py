@@ -77,10 +77,4 @@ def load(path: str, config: Optional[BertConfig] = None) -> tuple[BertConfig, di
 
 def to_hf_state(config: BertConfig, params: Any) -> dict[str, np.ndarray]:
     """Our encoder params -> HF BertModel state dict (numpy), the inverse of `load`."""
-    from flax import traverse_util
-    flat = traverse_util.flatten_dict(params)
-    out = {}
-    for path, (hf_name, fn) in name_map(config).items():
-        arr = np.asarray(flat[path], np.float32)
-        out[hf_name] = np.ascontiguousarray(arr.T) if fn is hf_io.transpose else arr
-    return out
+    return hf_io.to_hf_state(name_map(config), params)

@@ -59,7 +59,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         return state
     bin_path = os.path.join(path, "pytorch_model.bin")
     if os.path.exists(bin_path):
-        return _torch_bin(bin_path)
+        return read_torch_bin(bin_path)
     raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
@@ -70,17 +70,30 @@ def _safetensors(file: str, load_file) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{file}: unreadable safetensors file ({type(e).__name__}: {e})") from None
 
 
-def _torch_bin(file: str) -> dict[str, np.ndarray]:
+def read_torch_bin(file: str) -> dict[str, np.ndarray]:
+    """A torch state dict read with `torch.load(weights_only=True)` only (floats as float32)."""
     try:
         import torch
     except ImportError:
-        raise CheckpointError(f"{file}: reading pytorch_model.bin needs torch; convert it to "
-                              "model.safetensors or install torch") from None
+        raise CheckpointError(f"{file}: reading a .bin file needs torch (torch.load(weights_only=True)); "
+                              "install torch or give the weights as safetensors") from None
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # UnpicklingError for pickles that hold more than tensors, and others
         raise CheckpointError(f"{file}: refused by torch.load(weights_only=True) ({type(e).__name__})") from None
-    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: not a state dict of tensors")
+    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
+
+
+def to_hf_state(name_map: NameMap, params: Mapping) -> dict[str, np.ndarray]:
+    """Our params -> a HF state dict (numpy float32): `convert` run backwards."""
+    flat = traverse_util.flatten_dict(dict(params))
+    out = {}
+    for path, (hf_name, fn) in name_map.items():
+        arr = np.asarray(flat[path], np.float32)
+        out[hf_name] = np.ascontiguousarray(arr.T) if fn is transpose else arr
+    return out
 
 
 def strip_prefix(state: Mapping[str, np.ndarray], anchor: str, prefixes: Iterable[str]) -> dict:

@@ -95,9 +95,4 @@ def to_hf_state(config: LlamaConfig, params: Any) -> dict[str, np.ndarray]:
 
     A tied head is left out, as HF's save_pretrained does.
     """
-    flat = traverse_util.flatten_dict(params)
-    out = {}
-    for path, (hf_name, fn) in name_map(config).items():
-        arr = np.asarray(flat[path], np.float32)
-        out[hf_name] = np.ascontiguousarray(arr.T) if fn is hf_io.transpose else arr
-    return out
+    return hf_io.to_hf_state(name_map(config), params)

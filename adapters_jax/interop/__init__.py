@@ -24,6 +24,8 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
+from adapters_jax.backbones import hf_io
+
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
 
 
@@ -55,18 +57,7 @@ def read_safetensors(file: str) -> dict[str, np.ndarray]:
 
 def read_torch_bin(file: str) -> dict[str, np.ndarray]:
     """A torch state dict read with `torch.load(weights_only=True)` only (floats as float32)."""
-    try:
-        import torch
-    except ImportError:
-        raise ValueError(f"{file}: reading a .bin file needs torch (weights_only=True); "
-                         "install torch or give the weights as safetensors") from None
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for pickles that hold more than tensors, and others
-        raise ValueError(f"{file}: refused by torch.load(weights_only=True) ({type(e).__name__})") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{file}: not a state dict of tensors")
-    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
+    return hf_io.read_torch_bin(file)
 
 
 def read_weights(directory: str, safetensors_name: str, bin_name: str) -> tuple[str, dict]:
