@@ -78,3 +78,21 @@ def test_bad_config_fails_with_a_message_naming_the_field(override, needle, tmp_
     assert out.returncode != 0
     assert needle in out.stderr and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_init_from_starts_from_another_runs_adapters(tmp_path):
+    from adapters_jax.train_loop import train_and_evaluate
+    first = importlib.import_module("configs.houlsby_r64").get_config("smoke")
+    first.optim.lr = 1e-2
+    train_and_evaluate(first, str(tmp_path / "a"))
+    second = importlib.import_module("configs.houlsby_r64").get_config("smoke")
+    second.init_from = str(tmp_path / "a" / "adapter")
+    second.optim.lr, second.train.num_steps = 1e-12, 2  # (almost) no movement: the start must show
+    train_and_evaluate(second, str(tmp_path / "b"))
+    a = load_file(str(tmp_path / "a" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    # Both runs share the seed, so without init_from run b would start from run a's *initial*
+    # adapters, which 4 steps at lr 1e-2 moved by far more than 1e-6.
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
