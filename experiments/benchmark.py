@@ -37,6 +37,8 @@ flags.DEFINE_integer("steps", 10, "timed steps (median reported)")
 flags.DEFINE_bool("flops_only", False, "compile and count FLOPs, do not time")
 flags.DEFINE_string("dtype", "float32", "compute dtype: float32 or bfloat16")
 flags.DEFINE_string("out", "runs/benchmark.json", "JSON output")
+flags.DEFINE_integer("mixed_tasks", 0, "if > 0: compare a mixed-task batch over this many Houlsby adapters "
+                     "('select') with a single-adapter batch, forward only, and exit")
 FLAGS = flags.FLAGS
 
 MODELS = {
@@ -140,8 +142,45 @@ def _flat(tree):
     return traverse_util.flatten_dict(dict(tree))
 
 
+def mixed_vs_single(cfg: BertConfig, n_tasks: int) -> dict:
+    """Forward throughput of a batch whose rows use n_tasks different adapters vs one adapter.
+
+    The two are timed in alternation, so that load from other processes hits both alike.
+    """
+    from adapters_jax.adapters import AdapterSetup
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, cfg.vocab_size, (FLAGS.batch, FLAGS.seq)).astype(np.int32)
+    mask = np.ones_like(ids)
+    task_ids = (np.arange(FLAGS.batch) % n_tasks).astype(np.int32)
+    single = BertModel(cfg, filler=spec_from_config("houlsby", name="t0", bottleneck_dim=64))
+    setup = AdapterSetup(tuple(spec_from_config("houlsby", name=f"t{i}", bottleneck_dim=64)
+                               for i in range(n_tasks)), composition="select")
+    mixed = BertModel(cfg, filler=setup)
+    p1 = jax.jit(lambda r: single.init(r, ids, mask)["params"])(jax.random.PRNGKey(0))
+    pn = jax.jit(lambda r: mixed.init(r, ids, mask, adapter_ids=task_ids)["params"])(jax.random.PRNGKey(0))
+    f1 = jax.jit(lambda p: single.apply({"params": p}, ids, mask)["last_hidden_state"])
+    fn = jax.jit(lambda p: mixed.apply({"params": p}, ids, mask, adapter_ids=task_ids)["last_hidden_state"])
+    f1(p1).block_until_ready(), fn(pn).block_until_ready()
+    t1, tn = [], []
+    for _ in range(FLAGS.steps):
+        for f, p, times in ((f1, p1, t1), (fn, pn, tn)):
+            t = time.perf_counter()
+            f(p).block_until_ready()
+            times.append(time.perf_counter() - t)
+    s1, sn = statistics.median(t1), statistics.median(tn)
+    return {"single_s": s1, "mixed_s": sn, "single_ex_per_s": FLAGS.batch / s1,
+            "mixed_ex_per_s": FLAGS.batch / sn, "throughput_ratio": s1 / sn, "tasks": n_tasks}
+
+
 def main(argv):
     del argv
+    if FLAGS.mixed_tasks:
+        r = mixed_vs_single(MODELS[FLAGS.model], FLAGS.mixed_tasks)
+        print(f"{FLAGS.model} batch {FLAGS.batch} x {FLAGS.seq}, forward, median of {FLAGS.steps}: single adapter "
+              f"{r['single_s'] * 1e3:.0f} ms ({r['single_ex_per_s']:.0f} ex/s); mixed over {r['tasks']} adapters "
+              f"{r['mixed_s'] * 1e3:.0f} ms ({r['mixed_ex_per_s']:.0f} ex/s); throughput ratio "
+              f"{r['throughput_ratio']:.2f}")
+        return
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
     cfg = MODELS[FLAGS.model]
     peak = 0.0 if FLAGS.flops_only else matmul_peak(dtype)
