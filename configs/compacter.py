@@ -4,7 +4,8 @@
     python -m experiments.train --config configs/compacter.py --config.adapter.method=compacter++
     python -m experiments.train --config configs/compacter.py:smoke
 
-Result on the default task (validation accuracy): see the README's results table.
+Result on the default task: not measured yet at this config's full budget (the bottleneck sweep in
+the README has short-budget numbers for the bottleneck placements).
 """
 from configs.common import apply_preset, base_config
 

@@ -3,7 +3,8 @@
     python -m experiments.train --config configs/full_finetune.py --workdir runs/full_finetune
     python -m experiments.train --config configs/full_finetune.py:smoke
 
-Result on the default task (validation accuracy): see the README's results table.
+Measured (seed 0, 3 epochs, batch 32, lr 5e-5, 2-core CPU, 2241 s): Rotten Tomatoes validation
+accuracy 0.8431 final (best 0.8451 after epoch 2), macro-F1 0.8363, MCC 0.6728.
 """
 from configs.common import apply_preset, base_config
 

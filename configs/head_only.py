@@ -3,7 +3,8 @@
     python -m experiments.train --config configs/head_only.py --workdir runs/head_only
     python -m experiments.train --config configs/head_only.py:smoke
 
-Result on the default task (validation accuracy): see the README's results table.
+Measured (seed 0, 3 epochs, batch 32, lr 5e-3, 2-core CPU, 938 s): Rotten Tomatoes validation
+accuracy 0.7571 (best and final), macro-F1 0.7421, MCC 0.4879.
 """
 from configs.common import apply_preset, base_config
 

