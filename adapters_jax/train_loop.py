@@ -22,7 +22,7 @@ from adapters_jax.adapters.prefix import head_options
 from adapters_jax.backbones import sites
 from adapters_jax.data import make_datasets
 from adapters_jax.heads import ClassificationHead
-from adapters_jax.hub import load_backbone
+from adapters_jax.hub import LLAMA_TYPES, load_backbone
 from adapters_jax.model import AdaptedModel, init_with_base
 from adapters_jax.run_logging import RunLog
 
@@ -48,7 +48,8 @@ def build(config, backbone=None):
             options = {**head_options(backbone.config), **options}
         spec = spec_from_config(**options)
     if spec is not None:
-        available = [s for s in sites.ALL_SITES if s != sites.FFN_GATE or config.model.name.startswith("llama")]
+        gated = backbone.config.model_type in LLAMA_TYPES  # only SwiGLU FFNs have a gate projection
+        available = [s for s in sites.ALL_SITES if s != sites.FFN_GATE or gated]
         spec.validate(backbone.config.num_layers, backbone.config.hidden_size, available)
     head = ClassificationHead(config.data.num_labels, pooling=config.head.pooling,
                               dropout=config.head.dropout, dtype=DTYPES[config.model.dtype])
@@ -63,8 +64,26 @@ def _freeze_rules(config, spec):
                            train_all=config.freeze.train_all)
 
 
+def check_config(config) -> None:
+    """Fields whose mistakes would otherwise surface only after an epoch of training."""
+    task_metrics = {"classification": metrics.CLASSIFICATION, "regression": metrics.REGRESSION}
+    if config.task not in task_metrics:
+        raise ValueError(f"task={config.task!r} is not one of {tuple(task_metrics)}")
+    if config.metric not in task_metrics[config.task]:
+        raise ValueError(f"metric={config.metric!r} is not a {config.task} metric {task_metrics[config.task]}")
+    for field in ("batch_size", "eval_batch_size", "accum_steps", "log_every", "ckpt_every", "max_to_keep"):
+        if getattr(config.train, field) <= 0:
+            raise ValueError(f"train.{field}={getattr(config.train, field)} must be > 0")
+    if config.train.batch_size % config.train.accum_steps:
+        raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by "
+                         f"train.accum_steps={config.train.accum_steps}")
+    if config.train.num_steps <= 0 and config.train.num_epochs <= 0:
+        raise ValueError("train.num_steps or train.num_epochs must be > 0")
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Runs training with periodic eval and checkpoints; returns the final eval metrics."""
+    check_config(config)
     t_start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     tr = config.train

@@ -71,6 +71,11 @@ def test_kill_9_then_rerun_resumes_and_matches_uninterrupted_run(tmp_path):
     ("--config.optim.lr=-1", "optim.lr=-1.0 must be > 0"),
     ("--config.adapter.bottleneck_dim=0", "adapter.bottleneck_dim=0 must be > 0"),
     ("--config.data.name=imdb", "imdb"),
+    ("--config.metric=f1", "metric='f1' is not a classification metric"),
+    ("--config.train.accum_steps=3", "train.batch_size=8 is not divisible by train.accum_steps=3"),
+    ("--config.adapter.layers=0-9", "adapter layer 2 is out of range"),
+    ("--config.adapter.method=houlsbie", "adapter.method='houlsbie' is unknown"),
+    ("--config.model.dtype=fp8", "model.dtype='fp8'"),
 ])
 def test_bad_config_fails_with_a_message_naming_the_field(override, needle, tmp_path):
     out = subprocess.run(_cmd("--config=configs/houlsby_r64.py:smoke", f"--workdir={tmp_path}", override),
