@@ -56,7 +56,10 @@ def _setup_params(model, base, ids, mask, **call):
 def test_mixed_batch_equals_each_task_run_alone(tmp_path):
     _tiny(tmp_path)
     config, base = bert_weights.load(str(tmp_path))
-    specs = tuple(spec_from_config("houlsby", name=n, bottleneck_dim=8) for n in NAMES)
+    # Different placements: a row whose adapter is absent from a site must pass through it.
+    specs = (spec_from_config("houlsby", name=NAMES[0], bottleneck_dim=8),
+             spec_from_config("pfeiffer", name=NAMES[1], bottleneck_dim=8, layers="1"),
+             spec_from_config("houlsby", name=NAMES[2], bottleneck_dim=8, adapter_drop=1))
     setup = AdapterSetup(specs, composition="select")
     mixed = BertModel(config, filler=setup)
     ids, mask = _inputs()
@@ -184,5 +187,9 @@ def test_bad_setups_are_refused():
     with pytest.raises(ValueError, match="unique"):
         AdapterSetup((spec_from_config("houlsby", name="a"), spec_from_config("pfeiffer", name="a")))
     setup = AdapterSetup((spec_from_config("lora", name="a"), spec_from_config("lora", name="b")))
-    with pytest.raises(ValueError, match="dense site 'query'"):
+    with pytest.raises(ValueError, match="activation sites only; 'a' fills the dense site 'query'"):
         setup("query", 0)
+    stacked = AdapterSetup((spec_from_config("lora", name="a"), spec_from_config("lora", name="b")),
+                           composition="stack")
+    with pytest.raises(ValueError, match="dense site 'query'"):
+        stacked("query", 0)

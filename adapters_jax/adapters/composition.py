@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from adapters_jax.adapters.bottleneck import post_forward, pre_forward
 from adapters_jax.adapters.fusion import AdapterFusion, FusionConfig
 from adapters_jax.adapters.spec import AdapterSpec, site_factory
+from adapters_jax.backbones.sites import add_and_norm
 
 COMPOSITIONS = ("select", "stack", "fuse")
 
@@ -74,10 +75,11 @@ def compose(site_module, modules: list, composition: str, context: Optional[dict
         ids = None if context is None else context.get("adapter_ids")
         if ids is None:
             raise ValueError("composition 'select' needs adapter_ids [B] in the model call (or batch)")
-        out = None
-        for i, (module, sh) in enumerate(modules):
-            y = module(h_out, x, layer_norm, deterministic, **shared_kw(sh))  # [B, T, D]
-            out = y if out is None else jnp.where((ids == i)[:, None, None], y, out)
+        # Rows whose adapter has nothing at this site (other layers, AdapterDrop) pass straight through.
+        out = add_and_norm(h_out, x, layer_norm)  # [B, T, D]
+        for adapter_id, (module, sh) in zip(site_module.member_ids, modules):
+            y = module(h_out, x, layer_norm, deterministic, **shared_kw(sh))
+            out = jnp.where((ids == adapter_id)[:, None, None], y, out)
         return out
     last = modules[-1][0].config
     if composition == "stack":  # as AdapterHub: each adapter's own pre-step, one post-step at the end

@@ -117,10 +117,14 @@ def site_factory(specs: Sequence[AdapterSpec], site: str, layer: int, compositio
                 if p.method in SHARED_MODULES and s.name not in shared:
                     shared[s.name] = (s.name, p.method, p.config)
         return functools.partial(SharedSite, members=tuple(shared.values())) if shared else None
-    members = tuple((s.name, p.method, p.config) for s in specs if (p := s.placement(site, layer)) is not None)
-    if not members:
+    present = [(i, s.name, p) for i, s in enumerate(specs) if (p := s.placement(site, layer)) is not None]
+    if not present:
         return None
+    members = tuple((name, p.method, p.config) for _, name, p in present)
     kind = SITE_KIND[site]
+    if len(specs) > 1 and composition == "select" and kind != "activation":
+        raise ValueError(f"composition 'select' chooses adapters per row at activation sites only; "
+                         f"{members[0][0]!r} fills the {kind} site {site!r}")
     if kind == "dense":  # replaces nn.Dense, keeping its kernel/bias paths
         if len(members) > 1:
             raise ValueError(f"adapters {', '.join(m[0] for m in members)} all fill the dense site {site!r}: "
@@ -131,7 +135,8 @@ def site_factory(specs: Sequence[AdapterSpec], site: str, layer: int, compositio
         raise ValueError(f"adapters {', '.join(m[0] for m in members)} all fill the {kind} site {site!r}: "
                          "only activation-site adapters (bottleneck, compacter) can be composed")
     return functools.partial(NamedSite, members=members, composition=composition, fusion=fusion,
-                             fusion_name=fusion_name)
+                             fusion_name=fusion_name, member_ids=tuple(i for i, _, _ in present),
+                             num_adapters=len(specs))
 
 
 class NamedSite(nn.Module):
@@ -141,12 +146,14 @@ class NamedSite(nn.Module):
     composition: str = "select"
     fusion: Any = None
     fusion_name: str = "fusion"
+    member_ids: tuple = (0,)  # each member's index among all the setup's adapters (its adapter id)
+    num_adapters: int = 1     # adapters in the whole setup, present at this site or not
 
     @nn.compact
     def __call__(self, *args, context=None, **kwargs):
         shared = (context or {}).get("shared") or {}
         modules = [(METHODS[m][1](cfg, name=n), shared.get(n)) for n, m, cfg in self.members]
-        if len(modules) == 1 and self.composition != "fuse":
+        if self.num_adapters == 1 and self.composition != "fuse":
             module, sh = modules[0]
             return module(*args, **kwargs, **({} if sh is None else {"shared": sh}))
         from adapters_jax.adapters import composition
