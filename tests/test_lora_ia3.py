@@ -13,6 +13,7 @@ from adapters_jax.adapters.presets import spec_from_config
 from adapters_jax.backbones import bert_weights, llama_weights
 from adapters_jax.backbones.bert import BertConfig, BertModel
 from adapters_jax.backbones.llama import LlamaConfig, LlamaModel
+from tests.oracle_models import tiny_llama
 
 BERT = BertConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37,
                   max_position_embeddings=40)
@@ -217,13 +218,7 @@ def test_lora_matches_peft_bert(tmp_path):
 def test_lora_matches_peft_llama_gqa(tmp_path):
     peft = pytest.importorskip("peft")
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf = transformers.LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(hf).eval()
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    config, base = llama_weights.load(str(tmp_path))
+    model, config, base = tiny_llama(tmp_path)
     pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj",
                                                                                          "down_proj"])).eval()
     torch.manual_seed(1)

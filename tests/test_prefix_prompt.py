@@ -11,6 +11,7 @@ from adapters_jax.adapters.presets import spec_from_config
 from adapters_jax.backbones import bert_weights, llama_weights
 from adapters_jax.backbones.bert import BertModel
 from adapters_jax.backbones.llama import LlamaModel
+from tests.oracle_models import tiny_llama
 from tests.test_lora_ia3 import BERT, MODELS, adapted, batch, flat, graft, out_of, trainable_count
 
 P = 5
@@ -142,13 +143,7 @@ def test_prefix_matches_peft_llama_gqa(tmp_path):
     P..P+T-1, which our LlamaModel reproduces with position_ids = arange(T) + P."""
     peft = pytest.importorskip("peft")
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf = transformers.LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(hf).eval()
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    config, base = llama_weights.load(str(tmp_path))
+    model, config, base = tiny_llama(tmp_path)
     pm = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)).eval()
     table = pm.prompt_encoder["default"].embedding.weight  # [P, L * 2 * H_kv * Dh]
     torch.manual_seed(1)
