@@ -29,7 +29,7 @@ from adapters_jax.run_logging import RunLog
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build(config, backbone=None):
+def build(config, backbone=None, base_sha256=None):
     """(backbone, spec, model, preloaded): the pretrained backbone with the config's adapters and
     head; `preloaded` holds adapter params read from earlier runs (AdapterFusion), else None."""
     if config.model.dtype not in DTYPES:
@@ -41,7 +41,7 @@ def build(config, backbone=None):
         fusion = config.fusion.to_dict()
         dirs = [d for d in fusion.pop("adapters").split(",") if d]
         name = fusion.pop("name")
-        spec, preloaded = setup_from_exports(dirs, checkpoint.base_fingerprint(backbone.path),
+        spec, preloaded = setup_from_exports(dirs, base_sha256 or checkpoint.base_fingerprint(backbone.path),
                                              FusionConfig(**fusion), fusion_name=name)
     else:
         if options.get("method") == "prefix":  # the prefix layout follows the model's attention heads
@@ -93,7 +93,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                          buckets=tuple(config.data.buckets), **_source_kwargs(config))
     with config.unlocked():
         config.data.num_labels = data.num_labels
-    backbone, spec, model, preloaded = build(config, backbone)
+    base_sha256 = checkpoint.base_fingerprint(backbone.path)  # read once: fusion checks and the export
+    backbone, spec, model, preloaded = build(config, backbone, base_sha256)
     sample = {k: v for k, v in next(iter(data.eval_batches)).items() if k != "example_index"}
     params = init_with_base(model, backbone.params, jax.random.PRNGKey(config.seed), sample)
     if preloaded is not None:  # AdapterFusion: the trained adapters, frozen by the rules
@@ -109,7 +110,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                            clip_norm=config.optim.clip_norm or None)
     state = trainer.create_state(params, labels, tx, jax.random.PRNGKey(config.seed + 1))
     rep = report.parameter_report(params, labels)
-    meta = export_meta(config, spec, backbone, data)
+    meta = export_meta(config, spec, backbone, data, base_sha256)
 
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), tr.max_to_keep, tr.ckpt_every)
     restored, data_meta = checkpoint.restore_latest(mngr, state)
@@ -241,10 +242,10 @@ def _best_so_far(workdir: str, key: str):
     return None if rec is None else rec[key]
 
 
-def export_meta(config, spec, backbone, data) -> dict:
+def export_meta(config, spec, backbone, data, base_sha256: str) -> dict:
     """What an adapter export records besides its weights (computed once per run)."""
     return {"spec": checkpoint.spec_to_dict(spec), "base_model": config.model.name,
-            "base_path": backbone.path, "base_sha256": checkpoint.base_fingerprint(backbone.path),
+            "base_path": backbone.path, "base_sha256": base_sha256,
             "head": {"num_labels": data.num_labels, "pooling": config.head.pooling},
             "label_names": list(data.label_names), "task": config.task}
 

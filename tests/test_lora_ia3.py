@@ -189,11 +189,9 @@ def _base_out(peft_model, ids, mask, logits=False):
         return _torch_out(peft_model, ids, mask, logits)
 
 
-def test_lora_matches_peft_bert(tmp_path):
-    peft = pytest.importorskip("peft")
+def _randomize_peft_lora(pm, root: str, site_names) -> dict:
+    """Draws PEFT's LoRA weights (B included, which PEFT zero-inits) and returns them in our layout."""
     import torch
-    model, config, base = _torch_bert(tmp_path)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])).eval()
     torch.manual_seed(1)
     ours = {}
     for n, p in pm.named_parameters():
@@ -201,7 +199,16 @@ def test_lora_matches_peft_bert(tmp_path):
             with torch.no_grad():
                 p.normal_(0.0, 0.3)
             leaf = "lora_a" if "lora_A" in n else "lora_b"
-            ours[_our_path(n.split(".lora_")[0], "encoder", BERT_SITES) + ("adapter", leaf)] = p.detach().numpy().T
+            ours[_our_path(n.split(".lora_")[0], root, site_names) + ("adapter", leaf)] = p.detach().numpy().T
+    return ours
+
+
+def test_lora_matches_peft_bert(tmp_path):
+    peft = pytest.importorskip("peft")
+    import torch
+    model, config, base = _torch_bert(tmp_path)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])).eval()
+    ours = _randomize_peft_lora(pm, "encoder", BERT_SITES)
     spec = spec_from_config("lora", r=4, alpha=8)
     jmodel = BertModel(config, filler=spec)
     params = graft(jmodel.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"], base)
@@ -221,14 +228,7 @@ def test_lora_matches_peft_llama_gqa(tmp_path):
     model, config, base = tiny_llama(tmp_path)
     pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj",
                                                                                          "down_proj"])).eval()
-    torch.manual_seed(1)
-    ours = {}
-    for n, p in pm.named_parameters():
-        if "lora_" in n:
-            with torch.no_grad():
-                p.normal_(0.0, 0.3)
-            leaf = "lora_a" if "lora_A" in n else "lora_b"
-            ours[_our_path(n.split(".lora_")[0], "layers", LLAMA_SITES) + ("adapter", leaf)] = p.detach().numpy().T
+    ours = _randomize_peft_lora(pm, "layers", LLAMA_SITES)
     spec = spec_from_config("lora", r=4, alpha=16, lora_sites=("query", "value", "ffn_out"))
     jmodel = LlamaModel(config, filler=spec)
     params = graft(jmodel.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"], base)
