@@ -1,20 +1,27 @@
 """Benchmark the train step of every method: compile time, step time, FLOPs, MFU, memory.
 
     python -m experiments.benchmark                       # MiniLM, batch 32 x 128, all methods
+    python -m experiments.benchmark --methods full,houlsby,head_only --adapterhub --inference
     python -m experiments.benchmark --methods houlsby,full --flops_only
     python -m experiments.benchmark --model bert-base     # BERT-base dimensions, random weights
 
-FLOPs come from XLA's cost analysis of the compiled step (what XLA will actually run) and
-from an analytic count that knows a frozen weight has no weight-gradient matmul. MFU is
-achieved FLOP/s over the matmul peak the harness measures itself on this machine.
-Prints a table and writes JSON (--out).
+Each method runs in its own subprocess (--isolate, the default), so its peak host RSS is its
+own. FLOPs come from XLA's cost analysis of the compiled step (what XLA will run) and from
+an analytic count that knows a frozen weight has no weight-gradient matmul and that no
+gradient flows below the lowest trainable layer; MFU is the analytic count per second over
+the matmul peak the harness measures itself. `--adapterhub` times PyTorch AdapterHub on the
+same model, shapes and threads in the same run; `--inference` times forward latency of the
+base vs adapted and merged-LoRA models. Prints tables; writes JSON and a PNG (--out).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -30,20 +37,26 @@ from adapters_jax.model import AdaptedModel
 
 flags.DEFINE_string("methods", "full,head_only,houlsby,pfeiffer,parallel,compacter,lora,ia3,prefix,prompt",
                     "comma-separated methods")
-flags.DEFINE_string("model", "minilm", "minilm (MiniLM-L6 dimensions) or bert-base")
+flags.DEFINE_string("model", "minilm", "minilm (MiniLM-L6 dimensions), bert-base, or tiny (tests)")
 flags.DEFINE_integer("batch", 32, "batch size")
 flags.DEFINE_integer("seq", 128, "sequence length")
 flags.DEFINE_integer("steps", 10, "timed steps (median reported)")
 flags.DEFINE_bool("flops_only", False, "compile and count FLOPs, do not time")
 flags.DEFINE_string("dtype", "float32", "compute dtype: float32 or bfloat16")
-flags.DEFINE_string("out", "runs/benchmark.json", "JSON output")
+flags.DEFINE_string("out", "runs/benchmark.json", "JSON output (the PNG goes beside it)")
+flags.DEFINE_bool("isolate", True, "run each method in its own subprocess (its own peak RSS)")
+flags.DEFINE_float("peak_gflops", 0.0, "matmul peak to use (0: measure it)")
+flags.DEFINE_bool("adapterhub", False, "also time PyTorch AdapterHub (full/head_only/houlsby/pfeiffer/parallel)")
+flags.DEFINE_bool("inference", False, "also time forward latency: base vs adapters vs merged LoRA")
 flags.DEFINE_integer("mixed_tasks", 0, "if > 0: compare a mixed-task batch over this many Houlsby adapters "
                      "('select') with a single-adapter batch, forward only, and exit")
+flags.DEFINE_bool("child", False, "internal: benchmark one method and print its JSON row")
 FLAGS = flags.FLAGS
 
 MODELS = {
     "minilm": BertConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
     "bert-base": BertConfig(),
+    "tiny": BertConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),
 }
 # method -> (adapter preset options or None, freeze options)
 METHODS = {
@@ -73,20 +86,42 @@ def matmul_peak(dtype=jnp.float32, n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / min(times)
 
 
-def analytic_flops(cfg: BertConfig, batch: int, seq: int, trainable_base: bool) -> float:
-    """Train-step FLOPs of the encoder: forward 2·P·tokens for the dense layers plus attention;
-    backward 2x forward for activations, plus 2·P·tokens more only if the base is trained."""
+def gradient_depth(labels, num_layers: int) -> int:
+    """How many encoder layers the backward pass must cross: from the top down to the lowest
+    layer holding a trainable parameter (all of them if embeddings or a prompt train; 0 when
+    only the head trains)."""
+    lowest = num_layers
+    for path, label in _flat(labels).items():
+        if label != peft.TRAINABLE or path[0] != "backbone":
+            continue
+        layer = next((int(m.group(1)) for p in path if (m := re.fullmatch(r"layer_(\d+)", str(p)))), None)
+        lowest = min(lowest, 0 if layer is None else layer)  # embeddings, prompt, shared: everything
+    return num_layers - lowest
+
+
+def analytic_flops(cfg: BertConfig, batch: int, seq: int, *, depth: int, adapter_params: int,
+                   extra_tokens: int = 0, train_base: bool = False) -> float:
+    """PEFT-aware train-step FLOPs of the encoder (2 FLOPs per multiply-add).
+
+    forward: 2·P_dense·tokens + attention (QKᵀ and PV: 4·T·d per token and layer) for every
+    layer; backward: twice that for the activation gradients, but only through the `depth`
+    layers above the lowest trainable one; the weight-gradient matmul (2·P·tokens) only for
+    trained weights: the base when `train_base`, always the adapters' `adapter_params`.
+    `extra_tokens` (a prompt's) lengthen the sequence.
+    """
     d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    tokens = batch * seq
-    dense = L * (4 * d * d + 2 * d * f)  # q, k, v, o and the two FFN matmuls
-    attn = L * 2 * 2 * seq * d           # QK^T and PV per token
-    fwd = 2 * dense * tokens + attn * tokens
-    bwd_act = 2 * dense * tokens + 2 * attn * tokens
-    bwd_w = 2 * dense * tokens if trainable_base else 0
-    return fwd + bwd_act + bwd_w
+    t = seq + extra_tokens
+    tokens = batch * t
+    dense = 4 * d * d + 2 * d * f  # q, k, v, o and the two FFN matmuls, per layer
+    attn = 4 * t * d               # per token and layer
+    fwd = L * (2 * dense + attn) * tokens
+    bwd_act = depth * (2 * dense + 2 * attn) * tokens
+    bwd_w = L * 2 * dense * tokens if train_base else 0
+    adapter = 6 * adapter_params * tokens  # forward, activation and weight gradients
+    return float(fwd + bwd_act + bwd_w + adapter)
 
 
-def build(cfg: BertConfig, method: str, dtype):
+def build(cfg: BertConfig, method: str, dtype, batch: int, seq: int):
     adapter, freeze = METHODS[method]
     spec = None
     if adapter is not None:
@@ -96,50 +131,97 @@ def build(cfg: BertConfig, method: str, dtype):
         spec = spec_from_config(**options)
     model = AdaptedModel(BertModel(cfg, filler=spec, dtype=dtype), ClassificationHead(2, dtype=dtype))
     rng = np.random.default_rng(0)
-    batch = {"input_ids": rng.integers(1, cfg.vocab_size, (FLAGS.batch, FLAGS.seq)).astype(np.int32),
-             "attention_mask": np.ones((FLAGS.batch, FLAGS.seq), np.int32),
-             "token_type_ids": np.zeros((FLAGS.batch, FLAGS.seq), np.int32),
-             "labels": rng.integers(0, 2, FLAGS.batch).astype(np.int32)}
-    params = jax.jit(lambda r: model.init(r, batch)["params"])(jax.random.PRNGKey(0))
+    inputs = {"input_ids": rng.integers(1, cfg.vocab_size, (batch, seq)).astype(np.int32),  # [B, T]
+              "attention_mask": np.ones((batch, seq), np.int32),
+              "token_type_ids": np.zeros((batch, seq), np.int32),
+              "labels": rng.integers(0, 2, batch).astype(np.int32)}  # [B]
+    params = jax.jit(lambda r: model.init(r, inputs)["params"])(jax.random.PRNGKey(0))
     labels = rules.labels_for(params, peft.make_rules([spec.name] if spec else [], **freeze))
     tx, _ = optim.make(params, labels, lr=1e-4, total_steps=1000)
     state = trainer.create_state(params, labels, tx, jax.random.PRNGKey(1))
-    return model, tx, state, batch, labels, params
+    return model, tx, state, inputs, labels, params
 
 
-def bench(cfg: BertConfig, method: str, dtype, peak: float) -> dict:
-    model, tx, state, batch, labels, params = build(cfg, method, dtype)
+def bench(cfg: BertConfig, method: str, dtype, peak: float, batch: int, seq: int, steps: int,
+          flops_only: bool = False) -> dict:
+    """One method's row: compile time, XLA and analytic FLOPs, memory, and (unless flops_only)
+    the median step time over `steps` after two warm-up steps."""
+    model, tx, state, inputs, labels, params = build(cfg, method, dtype, batch, seq)
     step = jax.jit(trainer.make_train_step(model, tx), donate_argnums=(0,))
     t = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, inputs).compile()
     compile_s = time.perf_counter() - t
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    n_tr = sum(int(np.prod(v.shape)) for k, v in _flat(params).items() if _flat(labels)[k] == peft.TRAINABLE)
-    row = {"method": method, "compile_s": compile_s, "xla_gflop": cost.get("flops", 0.0) / 1e9,
-           "analytic_gflop": analytic_flops(cfg, FLAGS.batch, FLAGS.seq, method == "full") / 1e9,
-           "trainable": n_tr}
-    if FLAGS.flops_only:
+    flat_p, flat_l = _flat(params), _flat(labels)
+    n_tr = sum(int(np.prod(v.shape)) for k, v in flat_p.items() if flat_l[k] == peft.TRAINABLE)
+    n_adapter = sum(int(np.prod(v.shape)) for k, v in flat_p.items()
+                    if flat_l[k] == peft.TRAINABLE and k[0] == "backbone" and method != "full")
+    adapter, _ = METHODS[method]
+    extra = adapter.get("n_tokens", 0) if adapter and adapter["method"] == "prompt" else 0
+    analytic = analytic_flops(cfg, batch, seq, depth=gradient_depth(labels, cfg.num_layers),
+                              adapter_params=n_adapter, extra_tokens=extra, train_base=method == "full")
+    mem = compiled.memory_analysis()
+    row = {"method": method, "framework": "adapters_jax", "compile_s": compile_s,
+           "xla_gflop": cost.get("flops", 0.0) / 1e9, "analytic_gflop": analytic / 1e9, "trainable": n_tr,
+           "xla_step_mib": getattr(mem, "peak_memory_in_bytes", 0) / 2**20 if mem is not None else None}
+    if flops_only:
         return row
     for _ in range(2):  # warm-up
-        state, m = compiled(state, batch)
+        state, m = compiled(state, inputs)
     jax.block_until_ready(m)
     times = []
-    for _ in range(FLAGS.steps):
+    for _ in range(steps):
         t = time.perf_counter()
-        state, m = compiled(state, batch)
+        state, m = compiled(state, inputs)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    row.update(step_s=med, examples_per_s=FLAGS.batch / med,
-               achieved_gflops=row["analytic_gflop"] / med, mfu=row["analytic_gflop"] * 1e9 / med / peak,
-               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    row.update(step_s=med, examples_per_s=batch / med, achieved_gflops=analytic / 1e9 / med,
+               mfu=analytic / med / peak if peak else None,
+               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               device_peak_mib=_device_peak_mib())
     return row
+
+
+def _device_peak_mib():
+    stats = jax.devices()[0].memory_stats()  # None on CPU
+    return stats.get("peak_bytes_in_use", 0) / 2**20 if stats else None
 
 
 def _flat(tree):
     from flax import traverse_util
     return traverse_util.flatten_dict(dict(tree))
+
+
+def bench_isolated(method: str, peak: float) -> dict:
+    """Runs `bench` for one method in a fresh interpreter, so that its peak RSS is its own."""
+    cmd = [sys.executable, "-m", "experiments.benchmark", "--child", f"--methods={method}",
+           f"--model={FLAGS.model}", f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--steps={FLAGS.steps}",
+           f"--dtype={FLAGS.dtype}", f"--peak_gflops={peak / 1e9}", f"--flops_only={FLAGS.flops_only}"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    rows = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not rows:
+        raise RuntimeError(f"benchmark of {method} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(rows[-1])
+
+
+def adapterhub_rows(methods: list[str]) -> list[dict]:
+    """PyTorch AdapterHub on the same model, shapes and thread count (experiments.benchmark_adapterhub)."""
+    from experiments.benchmark_adapterhub import ADAPTERHUB
+    methods = [m for m in methods if m in ADAPTERHUB]
+    if not methods:
+        return []
+    model = {"minilm": "minilm-l6"}.get(FLAGS.model)
+    if model is None:
+        raise ValueError(f"--adapterhub needs --model=minilm (the real checkpoint), not {FLAGS.model!r}")
+    cmd = [sys.executable, "-m", "experiments.benchmark_adapterhub", f"--methods={','.join(methods)}",
+           f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--steps={FLAGS.steps}",
+           f"--threads={os.cpu_count() or 1}", f"--model={model}"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"AdapterHub benchmark failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
 def mixed_vs_single(cfg: BertConfig, n_tasks: int) -> dict:
@@ -172,41 +254,111 @@ def mixed_vs_single(cfg: BertConfig, n_tasks: int) -> dict:
             "mixed_ex_per_s": FLAGS.batch / sn, "throughput_ratio": s1 / sn, "tasks": n_tasks}
 
 
+def format_train_table(rows: list[dict], flops_only: bool) -> str:
+    full = next((r for r in rows if r["method"] == "full"), None)
+    head = f"{'method':<10} {'trainable':>11} {'compile s':>9} {'XLA GFLOP':>10} {'PEFT GFLOP':>10} {'vs full':>8}"
+    if not flops_only:
+        head += f" {'step s':>8} {'ex/s':>7} {'GFLOP/s':>8} {'MFU':>6} {'RSS MiB':>8} {'XLA MiB':>8}"
+    lines = [head]
+    for r in rows:
+        line = (f"{r['method']:<10} {r['trainable']:>11,} {r['compile_s']:>9.1f} {r['xla_gflop']:>10.1f} "
+                f"{r['analytic_gflop']:>10.1f} {(r['xla_gflop'] / full['xla_gflop'] if full else float('nan')):>8.3f}")
+        if not flops_only:
+            line += (f" {r['step_s']:>8.3f} {r['examples_per_s']:>7.1f} {r['achieved_gflops']:>8.1f} "
+                     f"{(r['mfu'] or 0):>6.1%} {r['peak_rss_mib']:>8.0f} {(r['xla_step_mib'] or 0):>8.0f}")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def comparisons(rows: list[dict], torch_rows: list[dict]) -> list[str]:
+    """The ratios issue 7 asks for, from this run's rows."""
+    ours = {r["method"]: r for r in rows if "step_s" in r}
+    out = []
+    for t in torch_rows:
+        if t["method"] in ours:
+            out.append(f"{t['method']:<10} AdapterHub {t['step_s']:.3f} s/step ({t['peak_rss_mib']:.0f} MiB RSS), "
+                       f"ours {ours[t['method']]['step_s']:.3f} s: {t['step_s'] / ours[t['method']]['step_s']:.2f}x faster")
+    if "full" in ours:
+        for m, r in ours.items():
+            if m != "full":
+                out.append(f"{m:<10} step time {r['step_s'] / ours['full']['step_s']:.3f} x full fine-tuning; "
+                           f"peak RSS {r['peak_rss_mib'] / ours['full']['peak_rss_mib']:.3f} x; "
+                           f"XLA step memory {(r['xla_step_mib'] or 0) / (ours['full']['xla_step_mib'] or 1):.3f} x")
+    return out
+
+
+def plot(path: str, rows: list[dict], torch_rows: list[dict], title: str) -> None:
+    """Step time per method (ours, and AdapterHub's where timed) and peak RSS, as a PNG."""
+    from matplotlib.figure import Figure
+    timed = [r for r in rows if "step_s" in r]
+    if not timed:
+        return
+    torch_by = {r["method"]: r for r in torch_rows}
+    fig = Figure(figsize=(10, 4))
+    ax1, ax2 = fig.subplots(1, 2)
+    x = np.arange(len(timed))
+    ax1.bar(x - 0.2, [r["step_s"] for r in timed], 0.4, label="adapters_jax")
+    ax1.bar(x + 0.2, [torch_by[r["method"]]["step_s"] if r["method"] in torch_by else 0 for r in timed], 0.4,
+            label="AdapterHub (PyTorch)")
+    ax1.set_xticks(x, [r["method"] for r in timed], rotation=45, ha="right")
+    ax1.set_ylabel("train step, s (median)")
+    ax1.legend()
+    ax2.bar(x, [r["peak_rss_mib"] for r in timed])
+    ax2.set_xticks(x, [r["method"] for r in timed], rotation=45, ha="right")
+    ax2.set_ylabel("peak host RSS, MiB")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main(argv):
     del argv
+    cfg = MODELS[FLAGS.model]
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
+    methods = FLAGS.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise app.UsageError(f"--methods: unknown {unknown} (known: {', '.join(METHODS)})")
+    if FLAGS.child:
+        print(json.dumps(bench(cfg, methods[0], dtype, FLAGS.peak_gflops * 1e9, FLAGS.batch, FLAGS.seq,
+                               FLAGS.steps, FLAGS.flops_only)), flush=True)
+        return
     if FLAGS.mixed_tasks:
-        r = mixed_vs_single(MODELS[FLAGS.model], FLAGS.mixed_tasks)
+        r = mixed_vs_single(cfg, FLAGS.mixed_tasks)
         print(f"{FLAGS.model} batch {FLAGS.batch} x {FLAGS.seq}, forward, median of {FLAGS.steps}: single adapter "
               f"{r['single_s'] * 1e3:.0f} ms ({r['single_ex_per_s']:.0f} ex/s); mixed over {r['tasks']} adapters "
               f"{r['mixed_s'] * 1e3:.0f} ms ({r['mixed_ex_per_s']:.0f} ex/s); throughput ratio "
               f"{r['throughput_ratio']:.2f}")
         return
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
-    cfg = MODELS[FLAGS.model]
-    peak = 0.0 if FLAGS.flops_only else matmul_peak(dtype)
+    peak = FLAGS.peak_gflops * 1e9 or (0.0 if FLAGS.flops_only else matmul_peak(dtype))
+    title = (f"{FLAGS.model} batch {FLAGS.batch} x {FLAGS.seq}, {FLAGS.dtype}, {jax.device_count()} "
+             f"{jax.devices()[0].platform} device(s), {os.cpu_count()} CPU threads, matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(title, flush=True)
     rows = []
-    for method in FLAGS.methods.split(","):
-        rows.append(bench(cfg, method, dtype, peak))
-        print(json.dumps(rows[-1]), flush=True)
-    full = next((r for r in rows if r["method"] == "full"), None)
-    print(f"\n{FLAGS.model} batch {FLAGS.batch} x {FLAGS.seq}, {FLAGS.dtype}, "
-          f"{jax.device_count()} {jax.devices()[0].platform} device(s), matmul peak {peak / 1e9:.0f} GFLOP/s")
-    head = f"{'method':<10} {'trainable':>11} {'compile s':>9} {'XLA GFLOP':>10} {'vs full':>8}"
-    if not FLAGS.flops_only:
-        head += f" {'step s':>8} {'ex/s':>7} {'GFLOP/s':>8} {'MFU':>6} {'RSS MiB':>8}"
-    print(head)
-    for r in rows:
-        line = (f"{r['method']:<10} {r['trainable']:>11,} {r['compile_s']:>9.1f} {r['xla_gflop']:>10.1f} "
-                f"{(r['xla_gflop'] / full['xla_gflop'] if full else float('nan')):>8.3f}")
-        if not FLAGS.flops_only:
-            line += (f" {r['step_s']:>8.3f} {r['examples_per_s']:>7.1f} {r['achieved_gflops']:>8.1f} "
-                     f"{r['mfu']:>6.1%} {r['peak_rss_mib']:>8.0f}")
+    for i, method in enumerate(methods):
+        t = time.perf_counter()
+        rows.append(bench_isolated(method, peak) if FLAGS.isolate else
+                    bench(cfg, method, dtype, peak, FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.flops_only))
+        print(f"[{i + 1}/{len(methods)}] {method}: {time.perf_counter() - t:.0f}s "
+              + (f"step {rows[-1]['step_s']:.3f}s" if "step_s" in rows[-1] else ""), flush=True)
+    torch_rows = adapterhub_rows(methods) if FLAGS.adapterhub and not FLAGS.flops_only else []
+    print("\n" + title + "\n" + format_train_table(rows, FLAGS.flops_only))
+    for line in comparisons(rows, torch_rows):
         print(line)
+    result = {"model": FLAGS.model, "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
+              "cpu_threads": os.cpu_count(), "matmul_peak_gflops": peak / 1e9, "rows": rows,
+              "adapterhub": torch_rows}
+    if FLAGS.inference:
+        from experiments import bench_inference
+        inf = bench_inference.latency_table(cfg, seq=FLAGS.seq, reps=FLAGS.steps, dtype=dtype)
+        print("\nforward latency (median, timed in alternation)\n" + bench_inference.format_table(inf))
+        result["inference"] = inf
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     with open(FLAGS.out, "w") as f:
-        json.dump({"model": FLAGS.model, "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
-                   "matmul_peak_gflops": peak / 1e9, "rows": rows}, f, indent=2)
-    print(f"wrote {FLAGS.out}")
+        json.dump(result, f, indent=2)
+    png = os.path.splitext(FLAGS.out)[0] + ".png"
+    plot(png, rows, torch_rows, title)
+    print(f"wrote {FLAGS.out}" + (f" and {png}" if os.path.exists(png) else ""))
 
 
 if __name__ == "__main__":

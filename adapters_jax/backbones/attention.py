@@ -36,24 +36,29 @@ def build_mask(query_len: int, key_mask: jnp.ndarray, causal: bool, n_prefix: in
 
 
 def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
-           dropout_rate: float, deterministic: bool, module: nn.Module) -> jnp.ndarray:
+           dropout_rate: float, deterministic: bool, module: nn.Module,
+           bias: Optional[jnp.ndarray] = None, scale: Optional[float] = None) -> jnp.ndarray:
     """Multi-head attention with grouped-query support.
 
     Args:
       q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] with H a multiple of Hkv.
       mask: bool [B, 1, T, S].
       module: the calling module, whose 'dropout' rng stream feeds attention dropout.
+      bias: optional additive logits bias [B or 1, H, T, S] (T5's relative positions).
+      scale: logits scale; None means Dh**-0.5 (T5 uses 1.0: its init absorbs the scale).
     Returns:
       [B, T, H, Dh]
     """
     if deterministic or dropout_rate == 0.0:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
     h, hkv = q.shape[2], k.shape[2]
     if h != hkv:  # grouped-query attention: repeat each key/value head for its group
         k = jnp.repeat(k, h // hkv, axis=2)
         v = jnp.repeat(v, h // hkv, axis=2)
-    scale = q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale  # [B, H, T, S]
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout_rate, probs.shape)

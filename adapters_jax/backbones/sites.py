@@ -12,10 +12,12 @@ Site kinds and the call each filled site must support:
   `module(sublayer_out, sublayer_in, layer_norm, deterministic=...) -> hidden` where
   `layer_norm` is the block's own norm module or None. The empty site computes
   `layer_norm(sublayer_out + sublayer_in)` (or the plain sum when `layer_norm` is None).
-  Names: ATTN_OUTPUT ("attn_adapter", after attention) and FFN_OUTPUT ("ffn_adapter",
-  after the FFN). Parallel adapters (He et al.) fill the same two sites and read
-  `sublayer_in` as their input, so "beside attention" and "beside the FFN" are the same
-  hooks with another module; PARALLEL_SITES name them in specs.
+  Names: ATTN_OUTPUT ("attn_adapter", after attention), FFN_OUTPUT ("ffn_adapter",
+  after the FFN) and CROSS_ATTN_OUTPUT ("cross_attn_adapter", after an encoder-decoder
+  model's cross-attention; only decoder blocks of T5 have it). Parallel adapters (He et
+  al.) fill the attention and FFN sites and read `sublayer_in` as their input, so
+  "beside attention" and "beside the FFN" are the same hooks with another module;
+  PARALLEL_SITES name them in specs.
 * Dense sites replace one nn.Dense. The factory is called with nn.Dense's keyword
   arguments (features, use_bias, dtype, param_dtype, kernel_init, name) and must keep the
   base parameters at `<name>/kernel` and `<name>/bias` (LoRA, IA3 subclass nn.Dense).
@@ -37,7 +39,8 @@ import flax.linen as nn
 
 ATTN_OUTPUT = "attn_adapter"
 FFN_OUTPUT = "ffn_adapter"
-ACTIVATION_SITES = (ATTN_OUTPUT, FFN_OUTPUT)
+CROSS_ATTN_OUTPUT = "cross_attn_adapter"
+ACTIVATION_SITES = (ATTN_OUTPUT, FFN_OUTPUT, CROSS_ATTN_OUTPUT)
 PARALLEL_SITES = {"attn_parallel": ATTN_OUTPUT, "ffn_parallel": FFN_OUTPUT}
 
 QUERY, KEY, VALUE, ATTN_OUT = "query", "key", "value", "attn_out"
