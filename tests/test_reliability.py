@@ -67,13 +67,12 @@ def _assert_save_failed_keeping_step_4(out, workdir, reason):
 
 def test_write_error_stops_in_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     """A real write failure: RLIMIT_FSIZE makes the kernel refuse the checkpoint's larger files (EFBIG)."""
-    import resource
     assert _train(tmp_path, "--config.train.num_steps=4").returncode == 0
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))  # noqa: E731
-    out = subprocess.run([sys.executable, "-m", "experiments.train", "--config=configs/houlsby_r64.py:smoke",
-                          f"--workdir={tmp_path}", "--config.train.ckpt_every=2", "--config.train.num_steps=8"],
-                         cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                         timeout=600, preexec_fn=limit)
+    # `ulimit -f 48` (48 KiB) in a shell that then execs the run: no Python between fork and exec
+    cmd = (f"ulimit -f 48 && exec {sys.executable} -m experiments.train --config=configs/houlsby_r64.py:smoke "
+           f"--workdir={tmp_path} --config.train.ckpt_every=2 --config.train.num_steps=8")
+    out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                         capture_output=True, text=True, timeout=600)
     _assert_save_failed_keeping_step_4(out, tmp_path, "File too large")
 
 
