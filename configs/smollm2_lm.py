@@ -8,7 +8,14 @@ Rotten Tomatoes reviews rendered as "Review (fresh): <text>" / "Review (rotten):
 The metric is validation perplexity per token (best checkpoint = lowest); the LM loss is the
 mean next-token NLL over real (non-padding) tokens, EOS included.
 
-Measured: see the end of this docstring (filled in from the run's metrics.jsonl).
+Measured (seed 0, 150 steps at batch 8, seq <= 64, lr 1e-3, Houlsby r = 64: 4,462,080 trainable,
+3.3% of the base; 1490 s on the shared 2-core CPU): perplexity on 256 evenly spaced validation
+reviews (7,427 target tokens) 170.6 at step 0 (adapters at near-identity init) -> 35.8 at step
+75 -> 33.7 at step 150. Greedy continuations with adapter_best:
+    Review (fresh): A great film.
+    Review (rotten): A movie that's about as good as a movie about as good as a movie.
+    Review (rotten): The new Pixar film is a mess.
+The base alone continues "Review (rotten):" with a quiz about food-poisoning bacteria.
 """
 from configs.common import apply_preset, base_config
 
