@@ -52,10 +52,25 @@ def save(mngr: ocp.CheckpointManager, state, data_state: dict, extra: Optional[d
                               data=ocp.args.JsonSave({"iterator": data_state, **(extra or {})}))
     try:
         return mngr.save(step, args=args, force=force)
-    except Exception as e:  # disk full, read-only directory, ...
-        raise CheckpointSaveError(f"saving checkpoint step {step} in {mngr.directory} failed "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                                  f"the previous checkpoint stays valid") from None
+    except Exception as e:  # disk full, read-only directory, ... (or the previous async save's failure)
+        raise CheckpointSaveError(f"checkpoint save failed at step {step} in {mngr.directory} ({_reason(e)}); "
+                                  f"{_kept(mngr)}") from None
+
+
+def _reason(e: Exception) -> str:
+    """One line; a long message keeps its end, where the OS error usually is (e.g. 'No space left')."""
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg if len(msg) <= 300 else msg[:120] + ' … ' + msg[-160:]}" if msg else type(e).__name__
+
+
+def _kept(mngr: ocp.CheckpointManager) -> str:
+    """What stays valid, read from the directory (the manager's own list may hold the failed step)."""
+    try:
+        steps = sorted(int(n) for n in os.listdir(mngr.directory) if n.isdigit())
+    except OSError:
+        steps = []
+    return (f"the previous checkpoint (step {steps[-1]}) stays valid" if steps
+            else "no earlier checkpoint exists")
 
 
 def finish(mngr: ocp.CheckpointManager, quiet: bool = False) -> None:
@@ -64,9 +79,9 @@ def finish(mngr: ocp.CheckpointManager, quiet: bool = False) -> None:
         mngr.wait_until_finished()
     except Exception as e:
         if not quiet:
-            raise CheckpointSaveError(f"finishing checkpoint saves in {mngr.directory} failed "
-                                      f"({type(e).__name__}); the previous checkpoint stays valid") from None
-        print(f"WARNING: an unfinished checkpoint save failed ({type(e).__name__}); it will not be used")
+            raise CheckpointSaveError(f"finishing checkpoint saves in {mngr.directory} failed ({_reason(e)}); "
+                                      f"{_kept(mngr)}") from None
+        print(f"WARNING: an unfinished checkpoint save failed ({_reason(e)}); it will not be used")
     finally:
         mngr.close()
 
@@ -104,6 +119,8 @@ def file_hash(path: str, chunk: int = 1 << 22) -> str:
 
 
 def base_fingerprint(model_dir: str) -> str:
+    if os.path.isfile(model_dir):  # a single-file base, e.g. a .gguf
+        return file_hash(model_dir)
     for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
         p = os.path.join(model_dir, name)
         if os.path.exists(p):

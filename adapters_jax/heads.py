@@ -57,6 +57,19 @@ class TokenClassificationHead(nn.Module):
                         kernel_init=nn.initializers.normal(0.02))(h).astype(jnp.float32)
 
 
+class BackboneLogits(nn.Module):
+    """The decoder's own LM head: passes its logits [B, T', V] through (no parameters).
+
+    For causal-LM tuning of any backbone whose output dict has 'logits' (Llama, GPT-2).
+    """
+
+    @nn.compact
+    def __call__(self, outputs: dict, deterministic: bool = True):
+        if "logits" not in outputs:
+            raise ValueError("task='lm' needs a decoder backbone whose output has 'logits' (e.g. Llama, GPT-2)")
+        return outputs["logits"].astype(jnp.float32)
+
+
 class LMHead(nn.Module):
     """Next-token logits [B, T, V]. Tied heads reuse the input embedding matrix passed in."""
     vocab_size: int

@@ -5,6 +5,15 @@ import numpy as np
 
 CLASSIFICATION = ("accuracy", "macro_f1", "mcc")
 REGRESSION = ("pearson", "spearman")
+LM = ("perplexity", "loss")
+LOWER_IS_BETTER = ("perplexity", "loss")
+
+
+def better(metric: str, new: float, old) -> bool:
+    """Whether `new` beats `old` (None: nothing yet) for `metric`; perplexity and loss go down."""
+    if old is None:
+        return True
+    return new < old if metric in LOWER_IS_BETTER else new > old
 
 
 def _confusion(pred: np.ndarray, label: np.ndarray, num_labels: int) -> np.ndarray:
@@ -61,6 +70,9 @@ def compute(pred: np.ndarray, label: np.ndarray, weights: np.ndarray, task: str,
     """Metrics over the rows with weight > 0 (eval filler rows have weight 0)."""
     keep = np.asarray(weights) > 0
     pred, label = np.asarray(pred)[keep], np.asarray(label)[keep]
+    if task == "lm":  # pred [N, 2]: summed token NLL and token count per row
+        loss = float(pred[:, 0].sum() / max(pred[:, 1].sum(), 1.0))
+        return {"loss": loss, "perplexity": float(np.exp(min(loss, 700.0))), "tokens": float(pred[:, 1].sum())}
     if task == "regression":
         return {"pearson": pearson(pred, label), "spearman": spearman(pred, label)}
     pred, label = pred.astype(np.int64), label.astype(np.int64)

@@ -21,7 +21,8 @@ class AdaptedModel(nn.Module):
     head: nn.Module
 
     def __call__(self, batch: dict, deterministic: bool = True):
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "adapter_ids")
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "adapter_ids",
+                                        "pixel_values")  # pixel_values [B, H, W, C]: image backbones (ViT)
                   if k in batch and _accepts(self.backbone, k)}
         outputs = self.backbone(**inputs, deterministic=deterministic)
         return self.head(outputs, deterministic=deterministic)

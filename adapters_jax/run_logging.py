@@ -109,6 +109,8 @@ def read_metrics(workdir: str) -> list[dict]:
     return out
 
 
-def best_of(records: list[dict], key: str) -> Optional[dict]:
+def best_of(records: list[dict], key: str, lower_is_better: bool = False) -> Optional[dict]:
     evals = [r for r in records if key in r]
-    return max(evals, key=lambda r: r[key]) if evals else None
+    if not evals:
+        return None
+    return (min if lower_is_better else max)(evals, key=lambda r: r[key])

@@ -69,13 +69,24 @@ class AdapterServer:
         spec = checkpoint.spec_from_dict(meta.get("spec"), directory)
         if spec is None:
             raise ValueError(f"{directory}: export has no adapter spec (a full fine-tuning export?)")
-        name = name or spec.name
+        head = meta.get("head")
+        if not (isinstance(head, dict) and isinstance(head.get("num_labels"), int) and head["num_labels"] > 0
+                and head.get("pooling", "cls") in ("cls", "mean", "pooler")):
+            raise ValueError(f"{directory}: adapter_config.json 'head' must be {{'num_labels': int > 0, "
+                             f"'pooling': 'cls' | 'mean' | 'pooler'}}, got {str(head)[:80]}")
+        name, own = name or spec.name, spec.name
         tree = rename_adapter(tree, spec.name, SLOT)
         spec = dataclasses.replace(spec, name=SLOT)
-        checkpoint.check_fits(self._abstract(spec, meta["head"]), tree, directory)
+        abstract = self._abstract(spec, head)
+        checkpoint.check_fits(abstract, tree, directory)
+        have, base = traverse_util.flatten_dict(tree), traverse_util.flatten_dict({"backbone": self.base})
+        missing = [k for k in traverse_util.flatten_dict(abstract) if k not in have and k not in base]
+        if missing:
+            raise ValueError(f"{directory}: {len(missing)} tensors missing from the export, e.g. "
+                             f"{'/'.join(own if p == SLOT else p for p in missing[0])}")
         params = jax.device_put(tree)
         jax.block_until_ready(params)
-        loaded = LoadedAdapter(name, spec, meta["head"], meta.get("label_names", []), params,
+        loaded = LoadedAdapter(name, spec, head, meta.get("label_names", []), params,
                                (time.perf_counter() - t) * 1e3)
         self.adapters[name] = loaded
         return loaded

@@ -51,10 +51,12 @@ class Tokenizer:
       pad_id: id used for padding; taken from the tokenizer when it knows one.
     """
 
-    def __init__(self, tok: tokenizers.Tokenizer, pad_id: Optional[int] = None):
+    def __init__(self, tok: tokenizers.Tokenizer, pad_id: Optional[int] = None,
+                 eos_id: Optional[int] = None):
         tok.no_padding()
         tok.no_truncation()
         self._tok = tok
+        self.eos_id = None if eos_id is None else int(eos_id)  # ends LM training rows, stops generation
         if pad_id is None:
             for name in ("[PAD]", "<pad>", "<|endoftext|>", "</s>"):
                 pad_id = tok.token_to_id(name)
@@ -67,13 +69,15 @@ class Tokenizer:
         """Loads tokenizer.json if present, else vocab.txt (WordPiece, BERT style)."""
         path = os.fspath(path)
         tj = os.path.join(path, "tokenizer.json")
-        pad_id = None
+        pad_id = eos_id = None
         cfg_path = os.path.join(path, "config.json")
         if os.path.exists(cfg_path):
             with open(cfg_path) as f:
-                pad_id = json.load(f).get("pad_token_id")
+                hf_cfg = json.load(f)
+            pad_id, eos_id = hf_cfg.get("pad_token_id"), hf_cfg.get("eos_token_id")
+            eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
         if os.path.exists(tj):
-            return cls(tokenizers.Tokenizer.from_file(tj), pad_id=pad_id)
+            return cls(tokenizers.Tokenizer.from_file(tj), pad_id=pad_id, eos_id=eos_id)
         vocab = os.path.join(path, "vocab.txt")
         if os.path.exists(vocab):
             if lowercase is None:
@@ -84,6 +88,14 @@ class Tokenizer:
                         lowercase = bool(json.load(f).get("do_lower_case", True))
             return cls(_wordpiece_from_vocab(vocab, lowercase), pad_id=pad_id)
         raise FileNotFoundError(f"{path}: no tokenizer.json or vocab.txt")
+
+    @classmethod
+    def from_gguf(cls, path: str) -> "Tokenizer":
+        """The byte-level BPE tokenizer stored in a GGUF file's tokenizer.ggml.* metadata."""
+        from adapters_jax.backbones import gguf_io
+        path = os.fspath(path)
+        tok, info = gguf_io.tokenizer_from_gguf(gguf_io.reader(path), path)
+        return cls(tok, pad_id=info["pad_id"], eos_id=info["eos_id"])
 
     @property
     def vocab_size(self) -> int:

@@ -19,10 +19,9 @@ from adapters_jax.adapters import AdapterSetup, FusionConfig, spec_from_config
 from adapters_jax.adapters.from_exports import setup_from_exports
 from adapters_jax.adapters.fusion import regularization as fusion_regularization
 from adapters_jax.adapters.prefix import head_options
-from adapters_jax.backbones import sites
 from adapters_jax.data import make_datasets
-from adapters_jax.heads import ClassificationHead
-from adapters_jax.hub import LLAMA_TYPES, load_backbone
+from adapters_jax.heads import BackboneLogits, ClassificationHead
+from adapters_jax.hub import adapter_sites, load_backbone
 from adapters_jax.model import AdaptedModel, init_with_base
 from adapters_jax.run_logging import RunLog
 
@@ -48,11 +47,13 @@ def build(config, backbone=None, base_sha256=None):
             options = {**head_options(backbone.config), **options}
         spec = spec_from_config(**options)
     if spec is not None:
-        gated = backbone.config.model_type in LLAMA_TYPES  # only SwiGLU FFNs have a gate projection
-        available = [s for s in sites.ALL_SITES if s != sites.FFN_GATE or gated]
-        spec.validate(backbone.config.num_layers, backbone.config.hidden_size, available)
-    head = ClassificationHead(config.data.num_labels, pooling=config.head.pooling,
-                              dropout=config.head.dropout, dtype=DTYPES[config.model.dtype])
+        num_layers, available = adapter_sites(backbone.config)
+        spec.validate(num_layers, backbone.config.hidden_size, available)
+    if config.task == "lm":  # causal LM: the decoder's own (frozen) LM head gives the logits
+        head = BackboneLogits()
+    else:
+        head = ClassificationHead(config.data.num_labels, pooling=config.head.pooling,
+                                  dropout=config.head.dropout, dtype=DTYPES[config.model.dtype])
     model = AdaptedModel(backbone.model.clone(filler=spec), head)
     return backbone, spec, model, preloaded
 
@@ -66,7 +67,8 @@ def _freeze_rules(config, spec):
 
 def check_config(config) -> None:
     """Fields whose mistakes would otherwise surface only after an epoch of training."""
-    task_metrics = {"classification": metrics.CLASSIFICATION, "regression": metrics.REGRESSION}
+    task_metrics = {"classification": metrics.CLASSIFICATION, "regression": metrics.REGRESSION,
+                    "lm": metrics.LM}
     if config.task not in task_metrics:
         raise ValueError(f"task={config.task!r} is not one of {tuple(task_metrics)}")
     if config.metric not in task_metrics[config.task]:
@@ -79,6 +81,19 @@ def check_config(config) -> None:
                          f"train.accum_steps={config.train.accum_steps}")
     if config.train.num_steps <= 0 and config.train.num_epochs <= 0:
         raise ValueError("train.num_steps or train.num_epochs must be > 0")
+    if config.optim.lr <= 0:
+        raise ValueError(f"optim.lr={config.optim.lr} must be > 0")
+    if not 0 <= config.optim.get("warmup_ratio", 0.0) <= 1:
+        raise ValueError(f"optim.warmup_ratio={config.optim.warmup_ratio} must be in [0, 1]")
+    if "head" in config and not 0 <= config.head.get("dropout", 0.0) < 1:
+        raise ValueError(f"head.dropout={config.head.dropout} must be in [0, 1)")
+    if config.data.get("max_length", 2) < 2:
+        raise ValueError(f"data.max_length={config.data.max_length} must be >= 2")
+    from adapters_jax.data import registry
+    try:
+        registry.loader(config.data.name)
+    except ValueError as e:
+        raise ValueError(f"data.name={config.data.name!r}: {e}") from None
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -87,10 +102,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     t_start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     tr = config.train
-    backbone = load_backbone(config.model.name, dtype=DTYPES.get(config.model.dtype, jnp.float32))
+    backbone = load_backbone(_model_path(config, workdir), dtype=DTYPES.get(config.model.dtype, jnp.float32))
     data = make_datasets(config.data.name, backbone.tokenizer, tr.batch_size, config.data.max_length,
                          seed=config.seed, eval_batch_size=tr.eval_batch_size,
-                         buckets=tuple(config.data.buckets), **_source_kwargs(config))
+                         buckets=tuple(config.data.buckets), max_eval_examples=config.data.get("max_eval_examples", 0),
+                         **_source_kwargs(config))
     with config.unlocked():
         config.data.num_labels = data.num_labels
     base_sha256 = checkpoint.base_fingerprint(backbone.path)  # read once: fusion checks and the export
@@ -127,6 +143,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = put_state(state)
     best_key = f"eval_{config.metric}"
     best = _best_so_far(workdir, best_key)
+    if start == 0 and tr.get("eval_at_start", False):  # the "before" number: base + adapters at init
+        ev0 = evaluate(eval_fn, state, data.eval_batches, config, data.num_labels, put_batch)
+        log.write(0, {f"eval_{k}": v for k, v in ev0.items()})
+        log.message("step 0: " + ", ".join(f"eval_{k}={v:.4f}" for k, v in ev0.items()))
+        if metrics.better(config.metric, ev0[config.metric], best):  # training must beat the start
+            best = ev0[config.metric]
+            _export(os.path.join(workdir, "adapter_best"), state, config, meta, 0, ev0)
     pending, t_log, last_log = [], time.perf_counter(), start
     try:
         for step in range(start + 1, total + 1):
@@ -149,7 +172,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 final = ev = evaluate(eval_fn, state, data.eval_batches, config, data.num_labels, put_batch)
                 log.write(step, {f"eval_{k}": v for k, v in ev.items()})
                 log.message(f"step {step}: " + ", ".join(f"eval_{k}={v:.4f}" for k, v in ev.items()))
-                if best is None or ev[config.metric] > best:
+                if metrics.better(config.metric, ev[config.metric], best):  # perplexity: lower wins
                     best = ev[config.metric]
                     _export(os.path.join(workdir, "adapter_best"), state, config, meta, step, ev)
             if step % tr.ckpt_every == 0 or step == total:
@@ -162,6 +185,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if start == total:  # resumed a finished run: nothing trained, evaluate what was restored
         final = evaluate(eval_fn, state, data.eval_batches, config, data.num_labels, put_batch)
     size = _export(os.path.join(workdir, "adapter"), state, config, meta, total, final)
+    if config.model.get("export_backbone"):  # e.g. a ViT pretrained here: the base of a later adapter run
+        log.message(f"backbone export: {_export_backbone(os.path.join(workdir, 'backbone'), state, config, backbone)}")
     log.message(f"adapter export: {os.path.join(workdir, 'adapter')} ({size / 2**20:.2f} MiB); "
                 f"best {best_key}={best:.4f}; train time {time.perf_counter() - t_start:.0f}s")
     log.message(f"final {data.eval_split} " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
@@ -182,6 +207,9 @@ def _source_kwargs(config) -> dict:
         kw["glue_dir"] = config.data.glue_dir
     if config.data.get("skip_bad_rows"):
         kw["skip_bad_rows"] = True
+    for field in ("classes", "idx_dir"):  # image datasets: a label subset, a folder of IDX files
+        if config.data.get(field):
+            kw[field] = config.data[field]
     return kw
 
 
@@ -229,7 +257,7 @@ def evaluate(eval_fn, state, eval_batches, config, num_labels: int, put_batch) -
             w = multihost_utils.process_allgather(b["weights"], tiled=True)
         else:
             lab, w = b["labels"], b["weights"]
-        preds.append(np.asarray(p).reshape(-1))
+        preds.append(np.asarray(p).reshape((-1, 2) if config.task == "lm" else (-1,)))  # lm: [B, 2]
         labs.append(np.asarray(lab).reshape(-1))
         weights.append(np.asarray(w).reshape(-1))
     return metrics.compute(np.concatenate(preds), np.concatenate(labs), np.concatenate(weights),
@@ -238,7 +266,7 @@ def evaluate(eval_fn, state, eval_batches, config, num_labels: int, put_batch) -
 
 def _best_so_far(workdir: str, key: str):
     from adapters_jax.run_logging import best_of, read_metrics
-    rec = best_of(read_metrics(workdir), key)
+    rec = best_of(read_metrics(workdir), key, lower_is_better=key[len("eval_"):] in metrics.LOWER_IS_BETTER)
     return None if rec is None else rec[key]
 
 
@@ -248,6 +276,26 @@ def export_meta(config, spec, backbone, data, base_sha256: str) -> dict:
             "base_path": backbone.path, "base_sha256": base_sha256,
             "head": {"num_labels": data.num_labels, "pooling": config.head.pooling},
             "label_names": list(data.label_names), "task": config.task}
+
+
+def _model_path(config, workdir: str) -> str:
+    """config.model.name; for 'vit-scratch' a fresh ViT (config.model.vit) written into the
+    workdir as a checkpoint directory, so the run reads it like any pretrained base."""
+    if config.model.name != "vit-scratch":
+        return config.model.name
+    from adapters_jax.backbones import vit_weights
+    return vit_weights.scratch_dir(os.path.join(workdir, "scratch_backbone"), config.model.get("vit"), config.seed)
+
+
+def _export_backbone(directory, state, config, backbone) -> str:
+    """The trained base (adapters left out) as a HF checkpoint directory, from process 0."""
+    from adapters_jax.hub import save_backbone
+    if jax.process_index() != 0:
+        return directory
+    params = jax.device_get(state.params)
+    if config.parallelism == "pmap":
+        params = jax.tree_util.tree_map(lambda x: x[0], params)
+    return save_backbone(backbone, params["backbone"], directory)
 
 
 def _export(directory, state, config, meta, step, ev) -> int:
@@ -262,8 +310,11 @@ def _export(directory, state, config, meta, step, ev) -> int:
 
 def _load_init(params: dict, directory: str) -> dict:
     """Starts from another run's trainable params (its adapter export)."""
-    _, loaded = checkpoint.read_adapter(directory)
-    return _place(params, loaded, directory)
+    try:
+        _, loaded = checkpoint.read_adapter(directory)
+        return _place(params, loaded, directory)
+    except ValueError as e:
+        raise ValueError(f"init_from: {e}") from None
 
 
 def _place(params: dict, loaded: dict, source: str) -> dict:

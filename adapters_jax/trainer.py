@@ -16,7 +16,7 @@ import optax
 
 from adapters_jax import peft
 
-TASKS = ("classification", "regression")
+TASKS = ("classification", "regression", "lm")
 
 
 @flax.struct.dataclass
@@ -39,8 +39,28 @@ def create_state(params: dict, labels: dict, tx: optax.GradientTransformation, r
                       opt_state=tx.init(params), rng=rng)
 
 
+def lm_token_nll(logits: jnp.ndarray, batch: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(next-token NLL [B, T-1], target weights [B, T-1]) of a decoder's logits [B, T', V].
+
+    Position t predicts token t+1; padding targets (attention_mask 0) and filler rows
+    (weights 0) weigh 0. Logits of prompt-tuning tokens in front (T' > T) are dropped.
+    """
+    ids = batch["input_ids"]  # [B, T]
+    t = ids.shape[1]
+    logits = logits[:, -t:-1].astype(jnp.float32)  # [B, T-1, V]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:].astype(jnp.int32))  # [B, T-1]
+    w = batch.get("attention_mask", jnp.ones_like(ids))[:, 1:].astype(jnp.float32)
+    w = w * batch.get("weights", jnp.ones(ids.shape[0], jnp.float32)).astype(jnp.float32)[:, None]
+    return nll, w
+
+
 def task_loss(logits: jnp.ndarray, batch: dict, task: str) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(weighted mean loss, total weight). logits [B, C] (classification) or [B, 1] (regression)."""
+    """(weighted mean loss, total weight). logits [B, C] (classification), [B, 1] (regression), or
+    [B, T, V] (lm: mean next-token NLL over real target tokens; the weight is their count)."""
+    if task == "lm":
+        nll, w = lm_token_nll(logits, batch)
+        total = w.sum()
+        return (nll * w).sum() / jnp.maximum(total, 1.0), total
     labels = batch["labels"]
     weights = batch.get("weights", jnp.ones(labels.shape[0], jnp.float32)).astype(jnp.float32)  # [B]
     if task == "classification":
@@ -125,8 +145,12 @@ def _like(full: dict, subset: dict) -> dict:
 
 
 def make_eval_step(model, task: str = "classification") -> Callable:
-    """eval_step(trainable, frozen, batch) -> predictions [B] (class ids or regression values)."""
+    """eval_step(trainable, frozen, batch) -> predictions [B] (class ids or regression values), or
+    for lm [B, 2]: each row's summed next-token NLL and its number of target tokens."""
     def eval_step(trainable, frozen, batch):
         logits = model.apply({"params": peft.merge(trainable, frozen)}, batch, deterministic=True)
+        if task == "lm":
+            nll, w = lm_token_nll(logits, {**batch, "weights": jnp.ones(logits.shape[0], jnp.float32)})
+            return jnp.stack([(nll * w).sum(-1), w.sum(-1)], axis=-1)  # [B, 2]; metrics apply row weights
         return jnp.argmax(logits, -1) if task == "classification" else logits[:, 0]
     return eval_step

@@ -24,6 +24,7 @@ def main(argv):
     del argv
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+    logging.get_absl_handler().addFilter(_one_line_library_errors)
     import jax
     if FLAGS.multihost:
         # CPU processes talk via gloo (harmless on GPU/TPU, where the CPU backend is unused).
@@ -42,10 +43,17 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
-def parse_flags(argv):
+def _one_line_library_errors(record) -> bool:
+    """orbax logs a failed background save with its traceback; keep its one line (our error follows)."""
+    if "/orbax/" in record.pathname:
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+def parse_flags(argv, flag_values=None):
     """absl's parsing, with a bad flag or config override reported in one line, not a traceback."""
     try:
-        return FLAGS(argv)
+        return (flag_values or FLAGS)(argv)
     except (AttributeError, KeyError) as e:  # ml_collections: a field the locked config does not have
         raw = str(e.args[0] if e.args else e).replace("\\n", " ").replace("\\", "").replace("'", "")
         msg = " ".join(raw.split())

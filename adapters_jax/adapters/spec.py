@@ -98,8 +98,8 @@ class AdapterSpec:
                                  f"(it has {', '.join(available_sites)})")
             for layer in p.layers or ():
                 if not 0 <= layer < num_layers:
-                    raise ValueError(f"adapter layer {layer} is out of range: the model has {num_layers} "
-                                     f"layers (0..{num_layers - 1})")
+                    raise ValueError(f"adapter.layers: adapter layer {layer} is out of range: the model has "
+                                     f"{num_layers} layers (0..{num_layers - 1})")
             if hasattr(p.config, "dim"):
                 p.config.dim(d_model)  # raises for bottleneck_dim > d_model
         if not 0 <= self.adapter_drop <= num_layers:

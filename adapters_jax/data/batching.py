@@ -6,7 +6,7 @@ compiles one program per bucket (a handful) instead of one per batch length.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -38,15 +38,24 @@ def _text(value) -> str:
 class Tokenize:
     """record {text_key: bytes, [pair_key], label_key} -> {'ids', 'type_ids': int32[n], 'label'}.
 
-    Rows are truncated to max_length tokens (pairs longest-first).
+    Rows are truncated to max_length tokens (pairs longest-first). With `render` (language
+    modelling) the record is first rendered to one text, and `eos_id`, if set, ends the row.
     """
     tokenizer: Tokenizer
     max_length: int
     text_key: str = "text"
     pair_key: Optional[str] = None
     label_key: str = "label"
+    render: Optional[Callable[[dict], str]] = None
+    eos_id: Optional[int] = None
 
     def __call__(self, record: dict) -> dict:
+        if self.render is not None:
+            room = self.max_length - (self.eos_id is not None)
+            ids = self.tokenizer.encode_ids(self.render(record), max_length=room)[0]
+            ids = ids + ([self.eos_id] if self.eos_id is not None else [])
+            return {"ids": np.asarray(ids, np.int32), "type_ids": np.zeros(len(ids), np.int32),
+                    "label": np.int32(record[self.label_key])}
         pair = _text(record[self.pair_key]) if self.pair_key else None
         ids, types = self.tokenizer.encode_ids(_text(record[self.text_key]), pair,
                                                max_length=self.max_length)

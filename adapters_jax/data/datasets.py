@@ -5,6 +5,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 import grain
+import numpy as np
 
 from adapters_jax.data import batching, evaluation, pipeline, registry
 from adapters_jax.tokenization import Tokenizer
@@ -39,33 +40,49 @@ def make_datasets(name: str, tokenizer: Tokenizer, batch_size: int, max_length: 
                   seed: int = 0, *, eval_split: Optional[str] = None,
                   eval_batch_size: Optional[int] = None,
                   buckets: Sequence[int] = batching.DEFAULT_BUCKETS, pool_batches: int = 32,
-                  num_epochs: Optional[int] = None, process_index: Optional[int] = None,
+                  num_epochs: Optional[int] = None, max_eval_examples: int = 0,
+                  process_index: Optional[int] = None,
                   process_count: Optional[int] = None,
                   read_options: Optional[grain.ReadOptions] = None, **source_kwargs) -> Datasets:
     """Train iterator and eval batches for dataset `name` (see `registry` for the names).
 
     Args:
-      name: a registered dataset name, e.g. 'rotten_tomatoes', 'files', 'glue_tsv/sst2'.
+      name: a registered dataset name, e.g. 'rotten_tomatoes', 'files', 'glue_tsv/sst2'; or an
+        image dataset ('fashion_mnist', 'digits'; see `adapters_jax.data.images`).
       tokenizer: `adapters_jax.tokenization.Tokenizer`.
       batch_size: the global batch size; each process gets batch_size // process_count rows.
       max_length: truncation length in tokens; also the largest bucket.
       seed: decides the shuffle; same seed, same batches.
       eval_split: defaults to 'validation' (MNLI: 'validation_matched').
       eval_batch_size: global eval batch size, default batch_size.
+      max_eval_examples: > 0 evaluates on that many evenly spaced examples of the eval split
+        (a fixed subset, for slow models such as a 135M decoder on a CPU); 0: all of them.
       buckets: padded lengths (capped by max_length).
       pool_batches: global batches per length-sorting window.
       num_epochs: None repeats the train split forever.
       process_index, process_count: default jax.process_index() / jax.process_count().
       read_options: grain threads / prefetch for the train iterator.
       **source_kwargs: for the loader: data_dir, files, glue_dir, label_names, table,
-        skip_bad_rows, max_chars.
+        skip_bad_rows, max_chars; for images: classes (a label subset such as '5-9'), idx_dir.
     """
     process_index, process_count = _process(process_index, process_count)
+    from adapters_jax.data import images  # pylint: disable=g-import-not-at-top (imports this module)
+    if name in images.IMAGE_DATASETS:  # no tokenizer, lengths or buckets: fixed-size images
+        return images.make_image_datasets(name, batch_size, seed, eval_split=eval_split,
+                                          eval_batch_size=eval_batch_size, num_epochs=num_epochs,
+                                          process_index=process_index, process_count=process_count,
+                                          read_options=read_options, **source_kwargs)
+    if source_kwargs.get("classes"):
+        raise ValueError(f"data.classes is supported for the image datasets only ({', '.join(images.IMAGE_DATASETS)})")
+    source_kwargs.pop("classes", None)
     src = registry.load(name, **source_kwargs)
     eval_split = eval_split or registry.default_eval_split(name)
     bucket_set = batching.bucket_lengths(buckets, max_length)
-    tokenize = batching.Tokenize(tokenizer, max_length, src.text_key, src.pair_key, src.label_key)
+    tokenize = batching.Tokenize(tokenizer, max_length, src.text_key, src.pair_key, src.label_key,
+                                 render=src.render, eos_id=tokenizer.eos_id if src.render else None)
     train_src, eval_src = src.split("train"), src.split(eval_split)
+    if 0 < max_eval_examples < len(eval_src):
+        eval_src = [eval_src[int(i)] for i in np.linspace(0, len(eval_src) - 1, max_eval_examples)]
     train = pipeline.train_batches(
         train_src, tokenize, global_batch_size=batch_size, seed=seed, buckets=bucket_set,
         pad_id=tokenizer.pad_id, pool_batches=pool_batches, num_epochs=num_epochs,

@@ -6,6 +6,8 @@
   files                  your CSV/TSV/JSONL files: files={'train': path, 'validation': path}
   glue_tsv/<task>        GLUE from a local folder in GLUE's layout: glue_dir=path
   glue/<task>            GLUE through tfds.data_source (downloads once; needs internet)
+  rotten_tomatoes_lm     language modelling: "Review (fresh|rotten): <text>" (adapters_jax.data.lm)
+  fashion_mnist, digits  images (adapters_jax.data.images; make_datasets routes them there)
 """
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ def _loaders() -> dict:
     out["files"] = sources.load_files
     out.update({f"glue_tsv/{t}": functools.partial(sources.load_glue_tsv, t) for t in glue.TASKS})
     out.update({f"glue/{t}": functools.partial(sources.load_glue_tfds, t) for t in glue.TASKS})
+    from adapters_jax.data import lm  # pylint: disable=g-import-not-at-top
+    out.update({n: functools.partial(lm.load_lm, n) for n in lm.TEMPLATES})
+    from adapters_jax.data import images  # pylint: disable=g-import-not-at-top (images imports datasets)
+    out.update({n: functools.partial(images.load_images, n) for n in images.IMAGE_DATASETS})  # -> ImageSet
     return out
 
 

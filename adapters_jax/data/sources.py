@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import tensorflow_datasets as tfds
 
@@ -31,6 +31,7 @@ class SourceSet:
     label_key: str = "label"
     rows: Mapping[str, dict] = dataclasses.field(default_factory=dict)  # split -> RowReport dict
     location: str = ""
+    render: Optional[Callable[[dict], str]] = None  # LM sources: record -> one text (data/lm.py)
 
     def split(self, name: str) -> Sequence[dict]:
         if name not in self.splits:
