@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,11 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from adapters_jax import optim, peft, rules, trainer
 from adapters_jax.adapters import spec_from_config
 from adapters_jax.backbones.bert import BertConfig, BertModel
-from adapters_jax.heads import ClassificationHead
-from adapters_jax.model import AdaptedModel
+from experiments.bench_steps import METHODS, MODELS, bench, matmul_peak
 
 flags.DEFINE_string("methods", "full,head_only,houlsby,pfeiffer,parallel,compacter,lora,ia3,prefix,prompt",
                     "comma-separated methods")
@@ -52,147 +48,6 @@ flags.DEFINE_integer("mixed_tasks", 0, "if > 0: compare a mixed-task batch over 
                      "('select') with a single-adapter batch, forward only, and exit")
 flags.DEFINE_bool("child", False, "internal: benchmark one method and print its JSON row")
 FLAGS = flags.FLAGS
-
-MODELS = {
-    "minilm": BertConfig(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
-    "bert-base": BertConfig(),
-    "tiny": BertConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),
-}
-# method -> (adapter preset options or None, freeze options)
-METHODS = {
-    "full": (None, dict(train_all=True)),
-    "head_only": (None, {}),
-    "houlsby": (dict(method="houlsby", bottleneck_dim=64), {}),
-    "pfeiffer": (dict(method="pfeiffer", bottleneck_dim=64), {}),
-    "parallel": (dict(method="parallel", bottleneck_dim=64), {}),
-    "compacter": (dict(method="compacter", reduction_factor=16), {}),
-    "lora": (dict(method="lora", r=8, alpha=16), {}),
-    "ia3": (dict(method="ia3"), {}),
-    "prefix": (dict(method="prefix", prefix_length=10), {}),
-    "prompt": (dict(method="prompt", n_tokens=10), {}),
-}
-
-
-def matmul_peak(dtype=jnp.float32, n: int = 2048, reps: int = 5) -> float:
-    """Measured FLOP/s of a large square matmul (float32 accumulation)."""
-    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-    f(a, a).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / min(times)
-
-
-def gradient_depth(labels, num_layers: int) -> int:
-    """How many encoder layers the backward pass must cross: from the top down to the lowest
-    layer holding a trainable parameter (all of them if embeddings or a prompt train; 0 when
-    only the head trains)."""
-    lowest = num_layers
-    for path, label in _flat(labels).items():
-        if label != peft.TRAINABLE or path[0] != "backbone":
-            continue
-        layer = next((int(m.group(1)) for p in path if (m := re.fullmatch(r"layer_(\d+)", str(p)))), None)
-        lowest = min(lowest, 0 if layer is None else layer)  # embeddings, prompt, shared: everything
-    return num_layers - lowest
-
-
-def analytic_flops(cfg: BertConfig, batch: int, seq: int, *, depth: int, adapter_params: int,
-                   extra_tokens: int = 0, train_base: bool = False) -> float:
-    """PEFT-aware train-step FLOPs of the encoder (2 FLOPs per multiply-add).
-
-    forward: 2·P_dense·tokens + attention (QKᵀ and PV: 4·T·d per token and layer) for every
-    layer; backward: twice that for the activation gradients, but only through the `depth`
-    layers above the lowest trainable one; the weight-gradient matmul (2·P·tokens) only for
-    trained weights: the base when `train_base`, always the adapters' `adapter_params`.
-    `extra_tokens` (a prompt's) lengthen the sequence.
-    """
-    d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    t = seq + extra_tokens
-    tokens = batch * t
-    dense = 4 * d * d + 2 * d * f  # q, k, v, o and the two FFN matmuls, per layer
-    attn = 4 * t * d               # per token and layer
-    fwd = L * (2 * dense + attn) * tokens
-    bwd_act = depth * (2 * dense + 2 * attn) * tokens
-    bwd_w = L * 2 * dense * tokens if train_base else 0
-    adapter = 6 * adapter_params * tokens  # forward, activation and weight gradients
-    return float(fwd + bwd_act + bwd_w + adapter)
-
-
-def build(cfg: BertConfig, method: str, dtype, batch: int, seq: int):
-    adapter, freeze = METHODS[method]
-    spec = None
-    if adapter is not None:
-        options = dict(adapter)
-        if options["method"] == "prefix":
-            options.update(num_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads)
-        spec = spec_from_config(**options)
-    model = AdaptedModel(BertModel(cfg, filler=spec, dtype=dtype), ClassificationHead(2, dtype=dtype))
-    rng = np.random.default_rng(0)
-    inputs = {"input_ids": rng.integers(1, cfg.vocab_size, (batch, seq)).astype(np.int32),  # [B, T]
-              "attention_mask": np.ones((batch, seq), np.int32),
-              "token_type_ids": np.zeros((batch, seq), np.int32),
-              "labels": rng.integers(0, 2, batch).astype(np.int32)}  # [B]
-    params = jax.jit(lambda r: model.init(r, inputs)["params"])(jax.random.PRNGKey(0))
-    labels = rules.labels_for(params, peft.make_rules([spec.name] if spec else [], **freeze))
-    tx, _ = optim.make(params, labels, lr=1e-4, total_steps=1000)
-    state = trainer.create_state(params, labels, tx, jax.random.PRNGKey(1))
-    return model, tx, state, inputs, labels, params
-
-
-def bench(cfg: BertConfig, method: str, dtype, peak: float, batch: int, seq: int, steps: int,
-          flops_only: bool = False) -> dict:
-    """One method's row: compile time, XLA and analytic FLOPs, memory, and (unless flops_only)
-    the median step time over `steps` after two warm-up steps."""
-    model, tx, state, inputs, labels, params = build(cfg, method, dtype, batch, seq)
-    step = jax.jit(trainer.make_train_step(model, tx), donate_argnums=(0,))
-    t = time.perf_counter()
-    compiled = step.lower(state, inputs).compile()
-    compile_s = time.perf_counter() - t
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flat_p, flat_l = _flat(params), _flat(labels)
-    n_tr = sum(int(np.prod(v.shape)) for k, v in flat_p.items() if flat_l[k] == peft.TRAINABLE)
-    n_adapter = sum(int(np.prod(v.shape)) for k, v in flat_p.items()
-                    if flat_l[k] == peft.TRAINABLE and k[0] == "backbone" and method != "full")
-    adapter, _ = METHODS[method]
-    extra = adapter.get("n_tokens", 0) if adapter and adapter["method"] == "prompt" else 0
-    analytic = analytic_flops(cfg, batch, seq, depth=gradient_depth(labels, cfg.num_layers),
-                              adapter_params=n_adapter, extra_tokens=extra, train_base=method == "full")
-    mem = compiled.memory_analysis()
-    row = {"method": method, "framework": "adapters_jax", "compile_s": compile_s,
-           "xla_gflop": cost.get("flops", 0.0) / 1e9, "analytic_gflop": analytic / 1e9, "trainable": n_tr,
-           "xla_step_mib": getattr(mem, "peak_memory_in_bytes", 0) / 2**20 if mem is not None else None}
-    if flops_only:
-        return row
-    for _ in range(2):  # warm-up
-        state, m = compiled(state, inputs)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, m = compiled(state, inputs)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    med = statistics.median(times)
-    row.update(step_s=med, examples_per_s=batch / med, achieved_gflops=analytic / 1e9 / med,
-               mfu=analytic / med / peak if peak else None,
-               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               device_peak_mib=_device_peak_mib())
-    return row
-
-
-def _device_peak_mib():
-    stats = jax.devices()[0].memory_stats()  # None on CPU
-    return stats.get("peak_bytes_in_use", 0) / 2**20 if stats else None
-
-
-def _flat(tree):
-    from flax import traverse_util
-    return traverse_util.flatten_dict(dict(tree))
-
 
 def bench_isolated(method: str, peak: float) -> dict:
     """Runs `bench` for one method in a fresh interpreter, so that its peak RSS is its own."""

@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from adapters_jax import checkpoint, metrics, optim
 from adapters_jax.data import make_datasets
+from adapters_jax.distillation import distill_loss
 from adapters_jax.heads import ClassificationHead
 from adapters_jax.hub import load_backbone
 from adapters_jax.model import AdaptedModel
@@ -58,15 +59,6 @@ def load_teacher(directory: str, backbone):
     flat = traverse_util.flatten_dict({"backbone": backbone.params})
     flat.update(traverse_util.flatten_dict(tree))
     return model, traverse_util.unflatten_dict(flat), meta
-
-
-def distill_loss(student_logits, teacher_logits, labels, temperature: float, label_weight: float):
-    """T^2 · KL(softmax(t/T) || softmax(s/T)), averaged over rows, plus label_weight · CE."""
-    t = jax.nn.log_softmax(teacher_logits / temperature, -1)  # [B, C]
-    s = jax.nn.log_softmax(student_logits / temperature, -1)
-    kl = jnp.sum(jnp.exp(t) * (t - s), -1).mean() * temperature ** 2
-    ce = optax.softmax_cross_entropy_with_integer_labels(student_logits, labels).mean()
-    return kl + label_weight * ce, kl
 
 
 def make_step(student, teacher, teacher_params, tx, temperature: float, label_weight: float):

@@ -1,23 +1,14 @@
 """The benchmark's FLOP accounting against XLA's own cost analysis, and its gradient depth rule."""
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 
 from adapters_jax import trainer
-from experiments import benchmark as B
+from experiments import bench_steps as B
 
 CFG = B.MODELS["tiny"]
 BATCH, SEQ = 4, 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _flags():
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS(sys.argv[:1])
 
 
 def _xla_flops(fn, *args) -> float:

@@ -7,7 +7,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.distill import distill_loss
+from adapters_jax.distillation import distill_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
