@@ -133,7 +133,7 @@ def test_failed_trials_are_reported_and_fail_the_sweep(tmp_path):
     out = _sweep(f"--sweep={sweep}", f"--root={tmp_path / 'r'}")
     assert out.returncode == 1
     assert "1 trial(s) failed" in out.stdout
-    assert "nodata (exit 1): error: unknown dataset 'nope'" in out.stdout
+    assert "nodata (exit 1): error: data.name='nope': unknown dataset 'nope'" in out.stdout
     trial = json.loads(_read(tmp_path / "r" / "sweep.json"))["trials"][0]
     assert trial["status"] == "failed" and trial["last_line"].startswith("error: unknown dataset")
 
