@@ -215,7 +215,7 @@ def write_report(summary: dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "kill_trials.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    lines = [f"# Kill campaign: `kill -9` during training, then resume",
+    lines = ["# Kill campaign: `kill -9` during training, then resume",
              "",
              f"`python -m experiments.kill_trials --trials {len(summary['trials'])} --steps {summary['steps']} "
              f"--ckpt_every {summary['ckpt_every']} --seed {summary['seed']}` on `{summary['config']}`.",

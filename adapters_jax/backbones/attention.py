@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from adapters_jax.backbones import sites
+
 
 def build_mask(query_len: int, key_mask: jnp.ndarray, causal: bool, n_prefix: int = 0) -> jnp.ndarray:
     """Boolean attention mask [B, 1, Tq, P+Tk]: True where a query may attend a key.
@@ -73,3 +75,33 @@ def with_prefix(k: jnp.ndarray, v: jnp.ndarray, prefix: Optional[tuple]) -> tupl
     pk, pv = prefix
     return (jnp.concatenate([pk.astype(k.dtype), k], axis=1),
             jnp.concatenate([pv.astype(v.dtype), v], axis=1), pk.shape[1])
+
+
+def self_attention(module: nn.Module, x: jnp.ndarray, key_mask: jnp.ndarray, dense, *, num_heads: int,
+                   head_dim: int, num_kv_heads: Optional[int] = None, causal: bool, dropout_rate: float,
+                   deterministic: bool, rotate=None, scale: Optional[float] = None) -> jnp.ndarray:
+    """The self-attention every backbone shares, with its adapter sites: query/key/value dense
+    sites, the prefix site (prefix keys are not rotated) and grouped-query heads.
+
+    Args:
+      module: the calling attention module (its filler and layer pick the prefix site; its
+        'dropout' stream feeds attention dropout).
+      x: [B, T, D]; key_mask: [B, T] 1 for real tokens.
+      dense: (site, features) -> a dense site module of the backbone (its bias and init).
+      rotate: optional [B, T, H, Dh] -> same (Llama's RoPE), applied to queries and keys.
+    Returns:
+      the attention context [B, T, H * Dh], before the output projection.
+    """
+    b, t, _ = x.shape
+    hkv = num_kv_heads or num_heads
+    q = dense(sites.QUERY, num_heads * head_dim)(x).reshape(b, t, num_heads, head_dim)  # [B, T, H, Dh]
+    k = dense(sites.KEY, hkv * head_dim)(x).reshape(b, t, hkv, head_dim)  # [B, T, Hkv, Dh]
+    v = dense(sites.VALUE, hkv * head_dim)(x).reshape(b, t, hkv, head_dim)
+    if rotate is not None:
+        q, k = rotate(q), rotate(k)
+    prefix_factory = sites.lookup(module.filler, sites.ATTN_PREFIX, module.layer)
+    prefix = None if prefix_factory is None else prefix_factory(name=sites.ATTN_PREFIX)(b)
+    k, v, n_prefix = with_prefix(k, v, prefix)
+    mask = build_mask(t, key_mask, causal=causal, n_prefix=n_prefix)  # [B, 1, T, P+T]
+    ctx = attend(q, k, v, mask, dropout_rate, deterministic, module, scale=scale)  # [B, T, H, Dh]
+    return ctx.reshape(b, t, num_heads * head_dim)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
-from adapters_jax.backbones.attention import attend, build_mask, with_prefix
+from adapters_jax.backbones.attention import self_attention
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -130,14 +130,8 @@ class BertAttention(nn.Module):
         dense = lambda site, feats: sites.dense(
             self.filler, site, self.layer, features=feats, use_bias=True, dtype=self.dtype,
             kernel_init=nn.initializers.normal(0.02), name=site)
-        q = dense(sites.QUERY, d)(x).reshape(b, t, h, dh)  # [B, T, H, Dh]
-        k = dense(sites.KEY, d)(x).reshape(b, t, h, dh)
-        v = dense(sites.VALUE, d)(x).reshape(b, t, h, dh)
-        prefix_factory = sites.lookup(self.filler, sites.ATTN_PREFIX, self.layer)
-        prefix = None if prefix_factory is None else prefix_factory(name=sites.ATTN_PREFIX)(b)
-        k, v, n_prefix = with_prefix(k, v, prefix)
-        mask = build_mask(t, key_mask, causal=False, n_prefix=n_prefix)
-        ctx = attend(q, k, v, mask, c.attention_dropout, deterministic, self).reshape(b, t, d)
+        ctx = self_attention(self, x, key_mask, dense, num_heads=h, head_dim=dh, causal=False,
+                             dropout_rate=c.attention_dropout, deterministic=deterministic)  # [B, T, D]
         out = dense(sites.ATTN_OUT, d)(ctx)
         return nn.Dropout(c.hidden_dropout)(out, deterministic=deterministic)  # [B, T, D]
 

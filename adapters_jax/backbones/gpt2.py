@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
-from adapters_jax.backbones.attention import attend, build_mask, with_prefix
+from adapters_jax.backbones.attention import self_attention
 from adapters_jax.backbones.bert import ACTIVATIONS, LayerNorm
 
 
@@ -93,17 +93,11 @@ class GPT2Attention(nn.Module):
         c = self.config
         b, t, d = x.shape
         h, dh = c.num_heads, c.head_dim
-        dense = lambda site: _dense(self.filler, self.layer, c, site, d, self.dtype)
-        q = dense(sites.QUERY)(x).reshape(b, t, h, dh)  # [B, T, H, Dh]
-        k = dense(sites.KEY)(x).reshape(b, t, h, dh)
-        v = dense(sites.VALUE)(x).reshape(b, t, h, dh)
-        prefix_factory = sites.lookup(self.filler, sites.ATTN_PREFIX, self.layer)
-        prefix = None if prefix_factory is None else prefix_factory(name=sites.ATTN_PREFIX)(b)
-        k, v, n_prefix = with_prefix(k, v, prefix)
-        mask = build_mask(t, key_mask, causal=True, n_prefix=n_prefix)  # [B, 1, T, P+T]
-        scale = None if c.scale_attn_weights else 1.0
-        ctx = attend(q, k, v, mask, c.attention_dropout, deterministic, self, scale=scale).reshape(b, t, d)
-        out = dense(sites.ATTN_OUT)(ctx)  # [B, T, D]
+        dense = lambda site, feats: _dense(self.filler, self.layer, c, site, feats, self.dtype)
+        ctx = self_attention(self, x, key_mask, dense, num_heads=h, head_dim=dh, causal=True,
+                             dropout_rate=c.attention_dropout, deterministic=deterministic,
+                             scale=None if c.scale_attn_weights else 1.0)  # [B, T, D]
+        out = dense(sites.ATTN_OUT, d)(ctx)  # [B, T, D]
         return nn.Dropout(c.hidden_dropout)(out, deterministic=deterministic)
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
-from adapters_jax.backbones.attention import attend, build_mask, with_prefix
+from adapters_jax.backbones.attention import self_attention
 from adapters_jax.backbones.bert import ACTIVATIONS
 
 
@@ -118,20 +118,13 @@ class LlamaAttention(nn.Module):
     @nn.compact
     def __call__(self, x, key_mask, position_ids, deterministic: bool):
         c = self.config
-        b, t, _ = x.shape
         h, hkv, dh = c.num_heads, c.num_kv_heads, c.head_dim
         dense = lambda site, feats: sites.dense(
             self.filler, site, self.layer, features=feats, use_bias=c.attention_bias, dtype=self.dtype,
             kernel_init=nn.initializers.normal(c.initializer_range), name=site)
-        q = dense(sites.QUERY, h * dh)(x).reshape(b, t, h, dh)  # [B, T, H, Dh]
-        k = dense(sites.KEY, hkv * dh)(x).reshape(b, t, hkv, dh)  # [B, T, Hkv, Dh]
-        v = dense(sites.VALUE, hkv * dh)(x).reshape(b, t, hkv, dh)
-        q, k = rotary(q, position_ids, c.rope_theta), rotary(k, position_ids, c.rope_theta)
-        prefix_factory = sites.lookup(self.filler, sites.ATTN_PREFIX, self.layer)
-        prefix = None if prefix_factory is None else prefix_factory(name=sites.ATTN_PREFIX)(b)
-        k, v, n_prefix = with_prefix(k, v, prefix)  # prefix keys carry no rotation
-        mask = build_mask(t, key_mask, causal=True, n_prefix=n_prefix)  # [B, 1, T, P+T]
-        ctx = attend(q, k, v, mask, c.attention_dropout, deterministic, self).reshape(b, t, h * dh)
+        ctx = self_attention(self, x, key_mask, dense, num_heads=h, num_kv_heads=hkv, head_dim=dh, causal=True,
+                             dropout_rate=c.attention_dropout, deterministic=deterministic,
+                             rotate=lambda z: rotary(z, position_ids, c.rope_theta))  # [B, T, H*Dh]
         return dense(sites.ATTN_OUT, c.hidden_size)(ctx)  # [B, T, D]
 
 

@@ -11,7 +11,6 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from adapters_jax.backbones import hf_io
 from adapters_jax.backbones.llama import LlamaConfig, LlamaModel

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
-from adapters_jax.backbones.attention import attend, build_mask, with_prefix
+from adapters_jax.backbones.attention import self_attention
 from adapters_jax.backbones.bert import ACTIVATIONS, LayerNorm
 
 
@@ -126,18 +126,12 @@ class ViTAttention(nn.Module):
         c = self.config
         b, t, d = x.shape
         h, dh = c.num_heads, d // c.num_heads
-        dense = lambda site, bias: sites.dense(
-            self.filler, site, self.layer, features=d, use_bias=bias, dtype=self.dtype,
+        dense = lambda site, feats, bias=c.qkv_bias: sites.dense(
+            self.filler, site, self.layer, features=feats, use_bias=bias, dtype=self.dtype,
             kernel_init=nn.initializers.truncated_normal(c.initializer_range), name=site)
-        q = dense(sites.QUERY, c.qkv_bias)(x).reshape(b, t, h, dh)  # [B, T, H, Dh]
-        k = dense(sites.KEY, c.qkv_bias)(x).reshape(b, t, h, dh)
-        v = dense(sites.VALUE, c.qkv_bias)(x).reshape(b, t, h, dh)
-        prefix_factory = sites.lookup(self.filler, sites.ATTN_PREFIX, self.layer)
-        prefix = None if prefix_factory is None else prefix_factory(name=sites.ATTN_PREFIX)(b)
-        k, v, n_prefix = with_prefix(k, v, prefix)
-        mask = build_mask(t, key_mask, causal=False, n_prefix=n_prefix)  # [B, 1, T, P+T]
-        ctx = attend(q, k, v, mask, c.attention_dropout, deterministic, self).reshape(b, t, d)
-        out = dense(sites.ATTN_OUT, True)(ctx)
+        ctx = self_attention(self, x, key_mask, dense, num_heads=h, head_dim=dh, causal=False,
+                             dropout_rate=c.attention_dropout, deterministic=deterministic)  # [B, T, D]
+        out = dense(sites.ATTN_OUT, d, True)(ctx)
         return nn.Dropout(c.hidden_dropout)(out, deterministic=deterministic)  # [B, T, D]
 
 
