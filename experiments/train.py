@@ -40,7 +40,18 @@ def main(argv):
     try:
         train_and_evaluate(FLAGS.config, workdir)
     except (ValueError, FileNotFoundError, FloatingPointError, CheckpointSaveError) as e:  # one line, no traceback
-        sys.exit(f"error: {e}")
+        _exit_with_last_line(f"error: {e}")
+
+
+def _exit_with_last_line(message: str) -> None:
+    """Exit 1 with `message` as the last line on stderr. After a failed async save, orbax and
+    tensorstore threads can still raise or log while the interpreter shuts down; from here on
+    their tracebacks and log lines are dropped, so they cannot follow our one line."""
+    import threading
+    from absl import logging
+    logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
+    threading.excepthook = lambda args: None
+    sys.exit(message)
 
 
 def _one_line_library_errors(record) -> bool:

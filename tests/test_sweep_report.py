@@ -135,7 +135,7 @@ def test_failed_trials_are_reported_and_fail_the_sweep(tmp_path):
     assert "1 trial(s) failed" in out.stdout
     assert "nodata (exit 1): error: data.name='nope': unknown dataset 'nope'" in out.stdout
     trial = json.loads(_read(tmp_path / "r" / "sweep.json"))["trials"][0]
-    assert trial["status"] == "failed" and trial["last_line"].startswith("error: unknown dataset")
+    assert trial["status"] == "failed" and trial["last_line"].startswith("error: data.name='nope': unknown dataset")
 
 
 # ----------------------------------------------------------------------- report on hand-made runs
