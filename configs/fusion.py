@@ -13,7 +13,9 @@ per task, e.g.
     python -m experiments.train --config configs/fusion.py --workdir runs/mt/fusion_rt \\
         --config.fusion.adapters=runs/mt/rt/adapter,runs/mt/bbc/adapter,runs/mt/tw/adapter
 
-Result on the default task: not measured yet (see the README's limitations).
+Measured (MiniLM, seed 0, Pfeiffer r = 64 task adapters; README "Multi-task results"):
+Rotten Tomatoes fusion 0.8369 (1 epoch) vs single 0.8376; BBC News 0.9770 best (3 epochs) vs
+0.9908; tweet_sentiment 0.7688 (250 steps) vs 0.7624.
 """
 from configs.common import apply_preset, base_config
 
