@@ -32,3 +32,23 @@ def minilm():
 def torch_minilm(minilm):
     transformers = pytest.importorskip("transformers")
     return transformers.BertModel.from_pretrained(minilm.path).eval()
+
+
+@pytest.fixture(scope="session")
+def export(tmp_path_factory):
+    """A real adapter export (2-step Houlsby smoke run on the tiny random BERT), shared by the
+    bad-adapter-file and property tests."""
+    import importlib
+    from adapters_jax.train_loop import train_and_evaluate
+    config = importlib.import_module("configs.houlsby_r64").get_config("smoke")
+    config.train.num_steps = 2
+    work = tmp_path_factory.mktemp("run")
+    train_and_evaluate(config, str(work))
+    return str(work / "adapter")
+
+
+@pytest.fixture(scope="session")
+def server():
+    """An AdapterServer over the tiny random BERT."""
+    from adapters_jax.serving import AdapterServer
+    return AdapterServer("tiny-random-bert", max_length=32)

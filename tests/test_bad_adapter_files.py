@@ -17,24 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W, C = checkpoint.ADAPTER_WEIGHTS, checkpoint.ADAPTER_CONFIG
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """A real export: a 2-step smoke run of Houlsby adapters on the tiny random BERT."""
-    import importlib
-    from adapters_jax.train_loop import train_and_evaluate
-    config = importlib.import_module("configs.houlsby_r64").get_config("smoke")
-    config.train.num_steps = 2
-    work = tmp_path_factory.mktemp("run")
-    train_and_evaluate(config, str(work))
-    return str(work / "adapter")
-
-
-@pytest.fixture(scope="module")
-def server():
-    from adapters_jax.serving import AdapterServer
-    return AdapterServer("tiny-random-bert", max_length=32)
-
-
 class Boom:
     """Unpickling this runs `touch MARKER`."""
     def __init__(self, marker):

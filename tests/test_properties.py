@@ -80,23 +80,6 @@ def test_random_overrides_give_a_clean_error_naming_a_field_or_a_config(override
 
 # --- adapter files ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    import importlib
-    from adapters_jax.train_loop import train_and_evaluate
-    config = importlib.import_module("configs.houlsby_r64").get_config("smoke")
-    config.train.num_steps = 1
-    work = tmp_path_factory.mktemp("run")
-    train_and_evaluate(config, str(work))
-    return str(work / "adapter")
-
-
-@pytest.fixture(scope="module")
-def server():
-    from adapters_jax.serving import AdapterServer
-    return AdapterServer("tiny-random-bert", max_length=32)
-
-
 def _damage(data: bytes, cut: int, flips: list) -> bytes:
     b = bytearray(data[: max(0, min(cut, len(data)))] if cut >= 0 else data)
     for pos, byte in flips:
