@@ -57,7 +57,7 @@ def _assert_save_failed_keeping_step_4(out, workdir, reason):
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     # orbax/tensorstore background threads may log their own errors; no traceback comes from our code
     assert "adapters_jax/" not in out.stderr and "experiments/" not in out.stderr, out.stderr[-3000:]
-    last = out.stderr.strip().splitlines()[-1]
+    last = [line for line in out.stderr.strip().splitlines() if line.startswith("error:")][-1]  # orbax threads may report the failed write after us
     assert last.startswith("error: checkpoint save failed at step ") and reason in last, last
     assert "the previous checkpoint (step 4) stays valid" in last, last
     restored = ocp.StandardCheckpointer().restore(str(workdir / "checkpoints" / "4" / "state"))
