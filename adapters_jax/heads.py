@@ -10,6 +10,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from adapters_jax.dropout import Dropout
+
 POOLINGS = ("cls", "mean", "pooler")
 
 
@@ -38,7 +40,7 @@ class ClassificationHead(nn.Module):
     @nn.compact
     def __call__(self, outputs: dict, deterministic: bool = True):
         h = pool(outputs, self.pooling)
-        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = Dropout(self.dropout)(h, deterministic=deterministic)
         logits = nn.Dense(self.num_labels, dtype=self.dtype, name="out",
                           kernel_init=nn.initializers.normal(0.02))(h)
         return logits.astype(jnp.float32)
@@ -52,7 +54,7 @@ class TokenClassificationHead(nn.Module):
 
     @nn.compact
     def __call__(self, outputs: dict, deterministic: bool = True):
-        h = nn.Dropout(self.dropout)(outputs["last_hidden_state"], deterministic=deterministic)
+        h = Dropout(self.dropout)(outputs["last_hidden_state"], deterministic=deterministic)
         return nn.Dense(self.num_labels, dtype=self.dtype, name="out",
                         kernel_init=nn.initializers.normal(0.02))(h).astype(jnp.float32)
 

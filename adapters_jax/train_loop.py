@@ -150,6 +150,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             best = ev0[config.metric]
             _export(os.path.join(workdir, "adapter_best"), state, config, meta, 0, ev0)
     pending, t_log, last_log = [], time.perf_counter(), start
+    t_loop = t_log  # train_s in the log: this session's loop time so far (compiles included)
     try:
         for step in range(start + 1, total + 1):
             batch = next(data.train)
@@ -165,7 +166,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 sps = (step - last_log) / max(now - t_log, 1e-9)
                 t_log, last_log = now, step
                 log.write(step, {"loss": vals["loss"], "lr": float(sched(step - 1)), "grad_norm": vals["grad_norm"],
-                                 "steps_per_sec": sps, "skipped": vals["nonfinite"]})
+                                 "steps_per_sec": sps, "skipped": vals["nonfinite"], "train_s": now - t_loop})
                 log.progress(step, vals["loss"])
             if step % eval_every == 0 or step == total:
                 final = ev = evaluate(eval_fn, state, data.eval_batches, config, data.num_labels, put_batch)

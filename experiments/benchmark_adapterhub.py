@@ -21,12 +21,12 @@ ADAPTERHUB = {"full": None, "head_only": None, "houlsby": "double_seq_bn", "pfei
               "parallel": "par_bn"}
 
 
-def build(method: str, path: str, bottleneck: int):
+def build(method: str, path: str, bottleneck: int, num_labels: int = 2):
     """BertForSequenceClassification with AdapterHub's adapter and its freezing, + AdamW."""
     import adapters
     import torch
     from transformers import BertForSequenceClassification
-    model = BertForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = BertForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     if ADAPTERHUB[method] is not None:
         adapters.init(model)
         config = adapters.AdapterConfig.load(ADAPTERHUB[method],

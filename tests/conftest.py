@@ -1,5 +1,8 @@
 """Shared fixtures: the real MiniLM (loaded once per session) and its PyTorch oracle twin."""
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -7,6 +10,15 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# One persistent XLA compilation cache for the session, shared with every subprocess the tests
+# start: most CLI tests compile the same smoke programs, and a warm cache halves a smoke run
+# (13.9 s -> 6.7 s measured). Results are unchanged: the cache is keyed by the program and flags.
+_CACHE = tempfile.mkdtemp(prefix="adapters_jax_test_xla_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 SENTENCES = [
     "A man is eating food.",

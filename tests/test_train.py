@@ -1,12 +1,8 @@
-"""The training entry point: every config's smoke preset, resume after kill -9 (bad configs:
-tests/test_bad_inputs.py)."""
+"""The training entry point: every config's smoke preset and init_from (bad configs:
+tests/test_bad_inputs.py; kill -9 and resume: tests/test_kill_trials.py)."""
 import glob
 import importlib
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,14 +12,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
                  if os.path.basename(p) not in ("__init__.py", "common.py", "fusion.py",  # fusion: tests/test_fusion_train.py
                                                 "smollm2_lm.py"))  # causal LM (perplexity): tests/test_lm_train.py
-
-
-def _cmd(*args):
-    return [sys.executable, "-m", "experiments.train", *args]
-
-
-def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -36,35 +24,6 @@ def test_smoke_preset_trains_evaluates_and_exports(name, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert any('"loss"' in l for l in lines) and any('"eval_accuracy"' in l for l in lines)
     assert glob.glob(str(tmp_path / "tensorboard" / "events.*"))
-
-
-def _run_to_completion(workdir, *extra):
-    out = subprocess.run(_cmd("--config=configs/houlsby_r64.py:smoke", f"--workdir={workdir}",
-                              "--config.train.num_steps=12", "--config.train.ckpt_every=2", *extra),
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
-
-
-def test_kill_9_then_rerun_resumes_and_matches_uninterrupted_run(tmp_path):
-    _run_to_completion(tmp_path / "straight")
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd("--config=configs/houlsby_r64.py:smoke", f"--workdir={killed}",
-                                 "--config.train.num_steps=12", "--config.train.ckpt_every=2"),
-                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not os.path.isdir(killed / "checkpoints" / "6"):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(killed / "adapter"), "the run finished before it was killed"
-    out = _run_to_completion(killed)
-    assert "resuming from step" in out
-    a = load_file(str(tmp_path / "straight" / "adapter" / "adapter.safetensors"))
-    b = load_file(str(killed / "adapter" / "adapter.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
 
 
 def test_init_from_starts_from_another_runs_adapters(tmp_path):

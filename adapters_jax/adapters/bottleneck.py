@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from adapters_jax.dropout import Dropout
+
 ACTIVATIONS = {
     "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -122,7 +124,7 @@ def bottleneck(module: nn.Module, c: BottleneckConfig, z, deterministic: bool, d
         up = up * module.param("scaling", nn.initializers.ones, (d,)).astype(up.dtype)
     elif c.scaling != 1.0:
         up = up * c.scaling
-    return nn.Dropout(c.dropout)(up, deterministic=deterministic)
+    return Dropout(c.dropout)(up, deterministic=deterministic)
 
 
 def pre_forward(c: BottleneckConfig, h_out, x, layer_norm):

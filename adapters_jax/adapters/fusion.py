@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from adapters_jax.dropout import Dropout
+
 
 @dataclasses.dataclass(frozen=True)
 class FusionConfig:
@@ -59,7 +61,7 @@ class AdapterFusion(nn.Module):
         value = dense("value", use_bias=False, kernel_init=value_init) if c.value else None
         v = value(values) if (c.value and c.value_before_softmax) else values
         scores = jnp.einsum("btd,btnd->btn", q, k).astype(jnp.float32)  # [B, T, N]
-        scores = nn.Dropout(c.dropout)(scores, deterministic=deterministic)
+        scores = Dropout(c.dropout)(scores, deterministic=deterministic)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("btn,btnd->btd", probs, v)  # [B, T, D]
         if c.value and not c.value_before_softmax:

@@ -30,6 +30,7 @@ import numpy as np
 from flax import traverse_util
 
 from adapters_jax.backbones import sites
+from adapters_jax.dropout import Dropout
 
 INITS = ("kaiming", "gaussian")
 
@@ -73,7 +74,7 @@ class LoRAFactors(nn.Module):
         b = self.param("lora_b", nn.initializers.zeros, (c.r, self.features), self.param_dtype)  # [r, out]
         dtype = self.dtype or x.dtype
         train = c.dropout > 0.0 and self.has_rng("dropout") and not self.is_initializing()
-        x = nn.Dropout(c.dropout)(x, deterministic=not train)
+        x = Dropout(c.dropout)(x, deterministic=not train)
         h = jnp.dot(x.astype(dtype), a.astype(dtype))  # [..., r]
         return jnp.dot(h, b.astype(dtype)) * jnp.asarray(c.scaling, dtype)  # [..., out]
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
+from adapters_jax.dropout import keep_mask
 
 
 def build_mask(query_len: int, key_mask: jnp.ndarray, causal: bool, n_prefix: int = 0) -> jnp.ndarray:
@@ -63,7 +64,7 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
         logits = logits + bias.astype(jnp.float32)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - dropout_rate, probs.shape)
+    keep = keep_mask(module.make_rng("dropout"), probs.shape, 1.0 - dropout_rate)  # [B, H, T, S]
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
     return jnp.einsum("bhts,bshd->bthd", probs, v)
 

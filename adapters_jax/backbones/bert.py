@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
 from adapters_jax.backbones.attention import self_attention
+from adapters_jax.dropout import Dropout
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -113,7 +114,7 @@ class BertEmbeddings(nn.Module):
              + emb(c.max_position_embeddings, "position_embeddings")(position_ids)
              + emb(c.type_vocab_size, "token_type_embeddings")(token_type_ids))  # [B, T, D]
         x = LayerNorm(c.layer_norm_eps, self.dtype, name="norm")(x)
-        return nn.Dropout(c.hidden_dropout)(x, deterministic=deterministic)
+        return Dropout(c.hidden_dropout)(x, deterministic=deterministic)
 
 
 class BertAttention(nn.Module):
@@ -133,7 +134,7 @@ class BertAttention(nn.Module):
         ctx = self_attention(self, x, key_mask, dense, num_heads=h, head_dim=dh, causal=False,
                              dropout_rate=c.attention_dropout, deterministic=deterministic)  # [B, T, D]
         out = dense(sites.ATTN_OUT, d)(ctx)
-        return nn.Dropout(c.hidden_dropout)(out, deterministic=deterministic)  # [B, T, D]
+        return Dropout(c.hidden_dropout)(out, deterministic=deterministic)  # [B, T, D]
 
 
 class BertLayer(nn.Module):
@@ -156,7 +157,7 @@ class BertLayer(nn.Module):
             kernel_init=nn.initializers.normal(0.02), name=site)
         y = ACTIVATIONS[c.hidden_act](dense(sites.FFN_IN, c.intermediate_size)(h))  # [B, T, F]
         y = dense(sites.FFN_OUT, c.hidden_size)(y)
-        y = nn.Dropout(c.hidden_dropout)(y, deterministic=deterministic)
+        y = Dropout(c.hidden_dropout)(y, deterministic=deterministic)
         ffn_norm = LayerNorm(c.layer_norm_eps, self.dtype, name="ffn_norm")
         return sites.activation(self.filler, sites.FFN_OUTPUT, self.layer, y, h, ffn_norm,
                                 deterministic, ctx)

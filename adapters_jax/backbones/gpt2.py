@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from adapters_jax.backbones import sites
 from adapters_jax.backbones.attention import self_attention
 from adapters_jax.backbones.bert import ACTIVATIONS, LayerNorm
+from adapters_jax.dropout import Dropout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +99,7 @@ class GPT2Attention(nn.Module):
                              dropout_rate=c.attention_dropout, deterministic=deterministic,
                              scale=None if c.scale_attn_weights else 1.0)  # [B, T, D]
         out = dense(sites.ATTN_OUT, d)(ctx)  # [B, T, D]
-        return nn.Dropout(c.hidden_dropout)(out, deterministic=deterministic)
+        return Dropout(c.hidden_dropout)(out, deterministic=deterministic)
 
 
 class GPT2Layer(nn.Module):
@@ -119,7 +120,7 @@ class GPT2Layer(nn.Module):
         y = _dense(self.filler, self.layer, c, sites.FFN_IN, c.intermediate_size, self.dtype)(y)
         y = ACTIVATIONS[c.hidden_act](y)  # [B, T, F]
         y = _dense(self.filler, self.layer, c, sites.FFN_OUT, c.hidden_size, self.dtype)(y)
-        y = nn.Dropout(c.hidden_dropout)(y, deterministic=deterministic)  # [B, T, D]
+        y = Dropout(c.hidden_dropout)(y, deterministic=deterministic)  # [B, T, D]
         return sites.activation(self.filler, sites.FFN_OUTPUT, self.layer, y, h, None, deterministic, ctx)
 
 
@@ -164,7 +165,7 @@ class GPT2Model(nn.Module):
                                        embedding_init=nn.initializers.normal(c.initializer_range))
         wte = emb(c.vocab_size, "wte")
         x = wte(input_ids) + emb(c.max_position_embeddings, "wpe")(position_ids)  # [B, T, D]
-        x = nn.Dropout(c.embedding_dropout)(x, deterministic=deterministic)
+        x = Dropout(c.embedding_dropout)(x, deterministic=deterministic)
         prompt = sites.lookup(self.filler, sites.EMBED_PROMPT, -1)
         if prompt is not None:
             x, attention_mask = prompt(name=sites.EMBED_PROMPT)(x, attention_mask)

@@ -33,6 +33,7 @@ from adapters_jax.backbones import sites
 from adapters_jax.backbones.attention import attend, build_mask, with_prefix
 from adapters_jax.backbones.bert import ACTIVATIONS
 from adapters_jax.backbones.llama import RMSNorm  # T5LayerNorm is exactly RMSNorm with a scale
+from adapters_jax.dropout import Dropout
 
 IGNORE_INDEX = -100  # label value that the loss skips, as in HF
 
@@ -184,7 +185,7 @@ class T5Block(nn.Module):
     @nn.compact
     def __call__(self, x, mask, position_bias, enc, enc_mask, deterministic: bool, ctx=None):
         c, det = self.config, deterministic
-        drop = lambda y: nn.Dropout(c.dropout_rate)(y, deterministic=det)
+        drop = lambda y: Dropout(c.dropout_rate)(y, deterministic=det)
         norm = lambda name: RMSNorm(c.layer_norm_eps, self.dtype, name=name)
         act = lambda site, out, res: sites.activation(self.filler, site, self.layer, out, res, None, det, ctx)
         a = norm("attention_norm")(x)
@@ -218,14 +219,14 @@ class T5Stack(nn.Module):
     @nn.compact
     def __call__(self, x, mask, enc, enc_mask, deterministic: bool, ctx=None):
         c = self.config
-        x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(c.dropout_rate)(x, deterministic=deterministic)
         offset, n = (c.num_layers, c.num_decoder_layers) if self.decoder else (0, c.num_layers)
         bias = None
         for i in range(offset, offset + n):
             x, bias = T5Block(c, i, self.decoder, i == offset, self.filler, self.dtype, name=f"layer_{i}")(
                 x, mask, bias, enc, enc_mask, deterministic, ctx)
         x = RMSNorm(c.layer_norm_eps, self.dtype, name="final_norm")(x)
-        return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)  # [B, T, D]
+        return Dropout(c.dropout_rate)(x, deterministic=deterministic)  # [B, T, D]
 
 
 class T5Model(nn.Module):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from adapters_jax.backbones import sites
 from adapters_jax.backbones.attention import self_attention
 from adapters_jax.backbones.bert import ACTIVATIONS, LayerNorm
+from adapters_jax.dropout import Dropout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +113,7 @@ class ViTEmbeddings(nn.Module):
         pos = self.param("position_embeddings", init, (1, c.num_patches + 1, c.hidden_size), jnp.float32)
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c.hidden_size)).astype(x.dtype), x], axis=1)
         x = x + pos.astype(x.dtype)  # [B, N+1, D]
-        return nn.Dropout(c.hidden_dropout)(x, deterministic=deterministic)
+        return Dropout(c.hidden_dropout)(x, deterministic=deterministic)
 
 
 class ViTAttention(nn.Module):
@@ -132,7 +133,7 @@ class ViTAttention(nn.Module):
         ctx = self_attention(self, x, key_mask, dense, num_heads=h, head_dim=dh, causal=False,
                              dropout_rate=c.attention_dropout, deterministic=deterministic)  # [B, T, D]
         out = dense(sites.ATTN_OUT, d, True)(ctx)
-        return nn.Dropout(c.hidden_dropout)(out, deterministic=deterministic)  # [B, T, D]
+        return Dropout(c.hidden_dropout)(out, deterministic=deterministic)  # [B, T, D]
 
 
 class ViTLayer(nn.Module):
@@ -154,7 +155,7 @@ class ViTLayer(nn.Module):
         y = LayerNorm(c.layer_norm_eps, self.dtype, name="ffn_norm")(h)
         y = ACTIVATIONS[c.hidden_act](dense(sites.FFN_IN, c.intermediate_size)(y))  # [B, T, F]
         y = dense(sites.FFN_OUT, c.hidden_size)(y)
-        y = nn.Dropout(c.hidden_dropout)(y, deterministic=deterministic)  # [B, T, D]
+        y = Dropout(c.hidden_dropout)(y, deterministic=deterministic)  # [B, T, D]
         return sites.activation(self.filler, sites.FFN_OUTPUT, self.layer, y, h, None, deterministic, ctx)
 
 

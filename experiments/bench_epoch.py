@@ -1,0 +1,110 @@
+"""End to end: one epoch of the default task, our training loop vs an AdapterHub loop.
+
+    python -m experiments.bench_epoch                      # Houlsby r=64, Rotten Tomatoes, 1 epoch
+    python -m experiments.bench_epoch --epochs 1 --out docs/results/epoch/houlsby_rt.json
+
+Ours is `experiments.train --config configs/houlsby_r64.py` (length buckets 32/64/128, compiles
+included in its loop time). Theirs is experiments/epoch_adapterhub.py: the same rows,
+hyperparameters and thread count, batches padded to their longest row as HF does. Each runs
+in its own process, one after the other. Reports the training-loop seconds, the whole
+process wall time (imports, loading, tokenising, compiling, evaluating) and the validation
+accuracy of both; writes JSON, a markdown table and a PNG.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+flags.DEFINE_integer("epochs", 1, "epochs for both loops")
+flags.DEFINE_integer("seed", 0, "seed for both loops")
+flags.DEFINE_string("config", "configs/houlsby_r64.py", "our config (its method must exist in AdapterHub)")
+flags.DEFINE_string("out", "runs/bench_epoch.json", "JSON output (.md and .png go beside it)")
+FLAGS = flags.FLAGS
+
+
+def _last(path: str, key: str) -> dict:
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    return [r for r in rows if key in r][-1]
+
+
+def run_ours(workdir: str) -> dict:
+    cmd = [sys.executable, "-m", "experiments.train", f"--config={FLAGS.config}", f"--workdir={workdir}",
+           f"--config.train.num_epochs={FLAGS.epochs}", f"--config.seed={FLAGS.seed}",
+           "--config.train.ckpt_every=1000000"]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if out.returncode:
+        raise RuntimeError(f"our training failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    train, ev = _last(metrics, "train_s"), _last(metrics, "eval_accuracy")
+    return {"framework": "adapters_jax", "train_s": train["train_s"], "steps": train["step"],
+            "steps_per_s": train["step"] / train["train_s"], "eval_accuracy": ev["eval_accuracy"], "wall_s": wall}
+
+
+def run_adapterhub(method: str) -> dict:
+    cmd = [sys.executable, "-m", "experiments.epoch_adapterhub", f"--method={method}",
+           f"--epochs={FLAGS.epochs}", f"--seed={FLAGS.seed}", f"--threads={os.cpu_count() or 1}"]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    rows = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not rows:
+        raise RuntimeError(f"AdapterHub loop failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return {**json.loads(rows[-1]), "wall_s": wall}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| loop | train s | steps | steps/s | process wall s | val accuracy |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['framework']} | {r['train_s']:.1f} | {r['steps']} | {r['steps_per_s']:.2f} | "
+                     f"{r['wall_s']:.1f} | {r['eval_accuracy']:.4f} |")
+    ours, theirs = rows
+    lines.append(f"\nspeed-up (AdapterHub / ours): train loop {theirs['train_s'] / ours['train_s']:.2f}x, "
+                 f"process wall {theirs['wall_s'] / ours['wall_s']:.2f}x; accuracy difference "
+                 f"{100 * (ours['eval_accuracy'] - theirs['eval_accuracy']):+.2f} points")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3))
+    names = [r["framework"] for r in rows]
+    ax.bar([n + "\nloop" for n in names], [r["train_s"] for r in rows], color="tab:blue")
+    ax.bar([n + "\nprocess" for n in names], [r["wall_s"] for r in rows], color="tab:gray")
+    ax.set_ylabel("seconds (lower is better)")
+    ax.set_title(f"{FLAGS.epochs} epoch(s): {os.path.basename(FLAGS.config)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    del argv
+    method = os.path.basename(FLAGS.config).split("_")[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"ours: {FLAGS.config}, {FLAGS.epochs} epoch(s)...", flush=True)
+        ours = run_ours(os.path.join(tmp, "run"))
+    print(f"AdapterHub: {method}, {FLAGS.epochs} epoch(s)...", flush=True)
+    theirs = run_adapterhub(method)
+    rows = [ours, theirs]
+    text = table(rows)
+    print(text)
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump({"config": FLAGS.config, "epochs": FLAGS.epochs, "seed": FLAGS.seed, "rows": rows}, f, indent=1)
+    base = os.path.splitext(FLAGS.out)[0]
+    with open(base + ".md", "w") as f:
+        f.write(text + "\n")
+    plot(rows, base + ".png")
+
+
+if __name__ == "__main__":
+    app.run(main)
