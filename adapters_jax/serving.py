@@ -3,7 +3,8 @@
 Each loaded export is renamed to one canonical slot name, so adapters with the same
 architecture share one parameter-tree structure and therefore one compiled program:
 swapping is reading a small safetensors file and handing new arrays to the same function.
-Mixed-task batches run the base once with 'select' composition (per-row adapter ids).
+Mixed-task batches run the base once with 'select' composition (per-row adapter ids), for
+bottleneck, Compacter, LoRA and IA3 exports alike.
 """
 from __future__ import annotations
 

@@ -186,10 +186,10 @@ def test_bad_setups_are_refused():
         AdapterSetup((spec_from_config("houlsby", name="a"),), composition="mix")
     with pytest.raises(ValueError, match="unique"):
         AdapterSetup((spec_from_config("houlsby", name="a"), spec_from_config("pfeiffer", name="a")))
-    setup = AdapterSetup((spec_from_config("lora", name="a"), spec_from_config("lora", name="b")))
-    with pytest.raises(ValueError, match="activation sites only; 'a' fills the dense site 'query'"):
-        setup("query", 0)
+    setup = AdapterSetup((spec_from_config("prefix", name="a", num_heads=4, head_dim=8), spec_from_config("lora", name="b")))
+    with pytest.raises(ValueError, match="activation and dense sites only; 'a' fills the prefix site 'prefix'"):
+        setup("prefix", 0)
     stacked = AdapterSetup((spec_from_config("lora", name="a"), spec_from_config("lora", name="b")),
                            composition="stack")
-    with pytest.raises(ValueError, match="dense site 'query'"):
+    with pytest.raises(ValueError, match="dense site 'query': composition 'stack' of several LoRA/IA3"):
         stacked("query", 0)

@@ -66,3 +66,35 @@ def test_exports_for_another_base_or_with_pickles_are_refused(exports, tmp_path)
     with pytest.raises(ValueError, match="adapter.safetensors: not a readable safetensors file"):
         server.load(str(pickled))
     assert not (tmp_path / "pwned").exists()
+
+
+def _random_export(server, spec, directory, seed):
+    """An export as training writes it (JSON + safetensors), with random adapter and head leaves."""
+    import jax
+    from flax import traverse_util
+    from adapters_jax import checkpoint
+    head = {"num_labels": 3, "pooling": "cls"}
+    shapes = traverse_util.flatten_dict(server._abstract(spec, head))
+    rng = np.random.default_rng(seed)
+    trainable = {k: (1.0 if k[-1] == "scale" else 0.0) + 0.3 * rng.standard_normal(v.shape).astype(np.float32)
+                 for k, v in shapes.items() if k[0] == "head" or spec.name in k}
+    meta = {"base_sha256": server.base_sha, "spec": checkpoint.spec_to_dict(spec), "head": head,
+            "label_names": ["a", "b", "c"]}
+    checkpoint.export_adapter(str(directory), jax.device_get(traverse_util.unflatten_dict(trainable)), meta)
+    return str(directory)
+
+
+def test_mixed_batches_of_lora_and_ia3_exports_match_each_adapter_alone(tmp_path):
+    from adapters_jax.adapters import spec_from_config
+    server = AdapterServer("tiny-random-bert", max_length=32)
+    specs = {"lora_qv": spec_from_config("lora", name="lora_qv", r=4, alpha=8),
+             "lora_ffn": spec_from_config("lora", name="lora_ffn", r=2, lora_sites=("ffn_out",), layers="1"),
+             "ia3": spec_from_config("ia3", name="ia3")}
+    for i, (name, spec) in enumerate(specs.items()):
+        server.load(_random_export(server, spec, tmp_path / name, seed=i))
+    alone = {name: server.predict(TEXTS, name) for name in specs}
+    assert not np.allclose(alone["lora_qv"], alone["lora_ffn"])
+    which = ["ia3", "lora_qv", "lora_ffn", "lora_ffn", "lora_qv"]
+    mixed = server.predict_mixed(TEXTS, which)
+    for row, name in enumerate(which):
+        np.testing.assert_allclose(mixed[row], alone[name][row], atol=1e-5)

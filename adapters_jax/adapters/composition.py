@@ -7,6 +7,9 @@ names in brackets):
   the model call. Choosing another adapter is a change of data, not of program: nothing is
   re-initialised or recompiled. Every member runs on the batch and each row keeps its own
   member's output, so a mixed batch costs the base model once plus N small adapters.
+  It works at activation sites (bottleneck, Compacter) and at dense sites (`SelectDense`:
+  LoRA and IA3, PEFT's mixed-batch `adapter_names=[...]`); a row whose adapter has nothing
+  at a site (other layers, other sites, AdapterDrop) gets that site's plain output.
 * 'stack' [Stack]: the adapters run one after another, each from the previous one's output.
 * 'fuse' [Fuse]: AdapterFusion attends over the adapters' outputs (adapters/fusion.py).
 
@@ -17,11 +20,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from adapters_jax.adapters.bottleneck import post_forward, pre_forward
 from adapters_jax.adapters.fusion import AdapterFusion, FusionConfig
+from adapters_jax.adapters.ia3 import IA3Scale
+from adapters_jax.adapters.lora import LoRAFactors
 from adapters_jax.adapters.spec import AdapterSpec, site_factory
 from adapters_jax.backbones.sites import add_and_norm
 
@@ -97,6 +103,49 @@ def compose(site_module, modules: list, composition: str, context: Optional[dict
             query, jnp.stack(ups, axis=2), residual, deterministic)  # [B, T, D]
         return post_forward(last, fused, h_out, x, layer_norm)
     raise ValueError(f"composition={composition!r} is not one of {COMPOSITIONS}")
+
+
+class SelectDense(nn.Dense):
+    """'select' at a dense site: nn.Dense plus each row's own adapter's LoRA update or IA3 vector.
+
+    The base keeps nn.Dense's `kernel`/`bias` and each member's leaves sit under its name as
+    in the single-adapter modules (`<site>/<name>/lora_a`, `lora_b`, `<site>/<name>/scale`),
+    so the same params serve one adapter alone or many mixed. The base matmul runs once;
+    IA3 vectors are chosen per row, and every LoRA member runs on the whole batch with each
+    row keeping only its own update (N rank-r matmuls, as at activation sites). Built by
+    `spec.site_factory`; `sites.dense` binds the per-call context, whose `adapter_ids` [B]
+    are data, so switching adapters does not recompile.
+    """
+    members: tuple = ()     # ((name, method, config), ...) present at this site in this layer
+    member_ids: tuple = ()  # each member's index among all the setup's adapters (its adapter id)
+    takes_context = True    # class attribute, not a field: sites.dense passes context=
+
+    @nn.compact
+    def __call__(self, inputs, context=None):  # inputs [B, ..., in]
+        ids = None if context is None else context.get("adapter_ids")
+        if ids is None:
+            raise ValueError("composition 'select' needs adapter_ids [B] in the model call (or batch)")
+        rows = lambda i: (ids == i).reshape(ids.shape + (1,) * (inputs.ndim - 1))  # [B, 1, ..., 1]
+        in_scale = out_scale = None  # per-row IA3 vectors, [B, 1, in] / [B, 1, out]; None: all ones
+        loras = []
+        for adapter_id, (name, method, cfg) in zip(self.member_ids, self.members):
+            if method == "lora":
+                loras.append((adapter_id, LoRAFactors(cfg, self.features, self.dtype, self.param_dtype, name=name)))
+            elif method == "ia3" and cfg.scale_input:
+                scale = IA3Scale(inputs.shape[-1], self.param_dtype, name=name)().astype(inputs.dtype)  # [in]
+                in_scale = jnp.where(rows(adapter_id), scale, 1.0 if in_scale is None else in_scale)
+            elif method == "ia3":
+                scale = IA3Scale(self.features, self.param_dtype, name=name)()  # [out]
+                out_scale = jnp.where(rows(adapter_id), scale, 1.0 if out_scale is None else out_scale)
+            else:
+                raise ValueError(f"composition 'select' at dense sites takes LoRA and IA3 adapters, "
+                                 f"not {method!r} ({name!r})")
+        y = super().__call__(inputs if in_scale is None else inputs * in_scale)  # [B, T, out], once
+        if out_scale is not None:
+            y = y * out_scale.astype(y.dtype)
+        for adapter_id, lora in loras:  # each row adds only its own member's update
+            y = y + jnp.where(rows(adapter_id), lora(inputs).astype(y.dtype), 0)
+        return y
 
 
 def parallel_apply(apply_fn: Callable, params: Any, batch: dict, num_adapters: int) -> Any:

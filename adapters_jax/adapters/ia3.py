@@ -8,6 +8,8 @@ after the non-linearity (and, in Llama, after the SwiGLU gate product), which is
 l_ff. Vectors start at ones, which leaves the output bit-identical (x * 1 == x in floating
 point). The vector lives at `<site>/<name>/scale`; `IA3Dense` subclasses nn.Dense so the
 base keeps `<site>/kernel` and `<site>/bias`.
+Under 'select' composition (several adapters, one per row) `composition.SelectDense` picks
+each row's own vector, with the same parameter paths.
 """
 from __future__ import annotations
 

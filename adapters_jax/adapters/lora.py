@@ -16,6 +16,11 @@ inputs: don't pass one there. With the default `dropout=0.0` the question does n
 `merge_lora` folds W + s A B into each kernel and drops the LoRA leaves and placements, so
 the merged model is a plain model (no extra parameters, no extra FLOPs); `unmerge_lora`
 undoes it given the LoRA factors.
+
+Several LoRA adapters in one model (an `AdapterSetup` with composition 'select', PEFT's
+mixed-batch `adapter_names=[...]`): each dense site becomes a `composition.SelectDense`,
+which keeps these same parameter paths, computes x W + b once and adds to each row only its
+own adapter's s * x A B, chosen by the `adapter_ids` [B] of the model call.
 """
 from __future__ import annotations
 

@@ -121,21 +121,26 @@ def site_factory(specs: Sequence[AdapterSpec], site: str, layer: int, compositio
     if not present:
         return None
     members = tuple((name, p.method, p.config) for _, name, p in present)
+    member_ids = tuple(i for i, _, _ in present)
     kind = SITE_KIND[site]
-    if len(specs) > 1 and composition == "select" and kind != "activation":
-        raise ValueError(f"composition 'select' chooses adapters per row at activation sites only; "
+    if len(specs) > 1 and composition == "select" and kind not in ("activation", "dense"):
+        raise ValueError(f"composition 'select' chooses adapters per row at activation and dense sites only; "
                          f"{members[0][0]!r} fills the {kind} site {site!r}")
     if kind == "dense":  # replaces nn.Dense, keeping its kernel/bias paths
+        if len(specs) > 1 and composition == "select":  # per-row LoRA/IA3 (see composition.SelectDense)
+            from adapters_jax.adapters.composition import SelectDense
+            return functools.partial(SelectDense, members=members, member_ids=member_ids)
         if len(members) > 1:
             raise ValueError(f"adapters {', '.join(m[0] for m in members)} all fill the dense site {site!r}: "
-                             "composing several LoRA/IA3 adapters at one site is not supported; merge them")
+                             f"composition {composition!r} of several LoRA/IA3 adapters at one site is not "
+                             "supported; use 'select' (per row) or merge them")
         name, method, config = members[0]
         return functools.partial(METHODS[method][1], adapter=config, adapter_name=name)
     if len(members) > 1 and kind != "activation":
         raise ValueError(f"adapters {', '.join(m[0] for m in members)} all fill the {kind} site {site!r}: "
                          "only activation-site adapters (bottleneck, compacter) can be composed")
     return functools.partial(NamedSite, members=members, composition=composition, fusion=fusion,
-                             fusion_name=fusion_name, member_ids=tuple(i for i, _, _ in present),
+                             fusion_name=fusion_name, member_ids=member_ids,
                              num_adapters=len(specs))
 
 

@@ -124,16 +124,16 @@ class BertAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool):
+    def __call__(self, x, key_mask, deterministic: bool, ctx=None):
         c = self.config
         b, t, d = x.shape
         h, dh = c.num_heads, d // c.num_heads
         dense = lambda site, feats: sites.dense(
-            self.filler, site, self.layer, features=feats, use_bias=True, dtype=self.dtype,
+            self.filler, site, self.layer, ctx, features=feats, use_bias=True, dtype=self.dtype,
             kernel_init=nn.initializers.normal(0.02), name=site)
-        ctx = self_attention(self, x, key_mask, dense, num_heads=h, head_dim=dh, causal=False,
+        heads = self_attention(self, x, key_mask, dense, num_heads=h, head_dim=dh, causal=False,
                              dropout_rate=c.attention_dropout, deterministic=deterministic)  # [B, T, D]
-        out = dense(sites.ATTN_OUT, d)(ctx)
+        out = dense(sites.ATTN_OUT, d)(heads)
         return Dropout(c.hidden_dropout)(out, deterministic=deterministic)  # [B, T, D]
 
 
@@ -148,12 +148,12 @@ class BertLayer(nn.Module):
     def __call__(self, x, key_mask, deterministic: bool, ctx=None):
         c = self.config
         attn = BertAttention(c, self.layer, self.filler, self.dtype, name="attention")(
-            x, key_mask, deterministic)
+            x, key_mask, deterministic, ctx)
         attn_norm = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_norm")
         h = sites.activation(self.filler, sites.ATTN_OUTPUT, self.layer, attn, x, attn_norm,
                              deterministic, ctx)  # [B, T, D]
         dense = lambda site, feats: sites.dense(
-            self.filler, site, self.layer, features=feats, use_bias=True, dtype=self.dtype,
+            self.filler, site, self.layer, ctx, features=feats, use_bias=True, dtype=self.dtype,
             kernel_init=nn.initializers.normal(0.02), name=site)
         y = ACTIVATIONS[c.hidden_act](dense(sites.FFN_IN, c.intermediate_size)(h))  # [B, T, F]
         y = dense(sites.FFN_OUT, c.hidden_size)(y)

@@ -77,9 +77,9 @@ class GPT2Config:
             initializer_range=hf.get("initializer_range", 0.02), model_type=model_type)
 
 
-def _dense(filler, layer, config, site, features, dtype):
+def _dense(filler, layer, config, site, features, dtype, ctx=None):
     """One dense site of a GPT-2 block (every HF Conv1D has a bias)."""
-    return sites.dense(filler, site, layer, features=features, use_bias=True, dtype=dtype,
+    return sites.dense(filler, site, layer, ctx, features=features, use_bias=True, dtype=dtype,
                        kernel_init=nn.initializers.normal(config.initializer_range), name=site)
 
 
@@ -90,15 +90,15 @@ class GPT2Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool):
+    def __call__(self, x, key_mask, deterministic: bool, ctx=None):
         c = self.config
         b, t, d = x.shape
         h, dh = c.num_heads, c.head_dim
-        dense = lambda site, feats: _dense(self.filler, self.layer, c, site, feats, self.dtype)
-        ctx = self_attention(self, x, key_mask, dense, num_heads=h, head_dim=dh, causal=True,
+        dense = lambda site, feats: _dense(self.filler, self.layer, c, site, feats, self.dtype, ctx)
+        heads = self_attention(self, x, key_mask, dense, num_heads=h, head_dim=dh, causal=True,
                              dropout_rate=c.attention_dropout, deterministic=deterministic,
                              scale=None if c.scale_attn_weights else 1.0)  # [B, T, D]
-        out = dense(sites.ATTN_OUT, d)(ctx)  # [B, T, D]
+        out = dense(sites.ATTN_OUT, d)(heads)  # [B, T, D]
         return Dropout(c.hidden_dropout)(out, deterministic=deterministic)
 
 
@@ -113,13 +113,13 @@ class GPT2Layer(nn.Module):
     def __call__(self, x, key_mask, deterministic: bool, ctx=None):
         c = self.config
         a = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_norm")(x)
-        a = GPT2Attention(c, self.layer, self.filler, self.dtype, name="attention")(a, key_mask, deterministic)
+        a = GPT2Attention(c, self.layer, self.filler, self.dtype, name="attention")(a, key_mask, deterministic, ctx)
         h = sites.activation(self.filler, sites.ATTN_OUTPUT, self.layer, a, x, None,
                              deterministic, ctx)  # [B, T, D]
         y = LayerNorm(c.layer_norm_eps, self.dtype, name="ffn_norm")(h)
-        y = _dense(self.filler, self.layer, c, sites.FFN_IN, c.intermediate_size, self.dtype)(y)
+        y = _dense(self.filler, self.layer, c, sites.FFN_IN, c.intermediate_size, self.dtype, ctx)(y)
         y = ACTIVATIONS[c.hidden_act](y)  # [B, T, F]
-        y = _dense(self.filler, self.layer, c, sites.FFN_OUT, c.hidden_size, self.dtype)(y)
+        y = _dense(self.filler, self.layer, c, sites.FFN_OUT, c.hidden_size, self.dtype, ctx)(y)
         y = Dropout(c.hidden_dropout)(y, deterministic=deterministic)  # [B, T, D]
         return sites.activation(self.filler, sites.FFN_OUTPUT, self.layer, y, h, None, deterministic, ctx)
 

@@ -116,16 +116,16 @@ class LlamaAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, position_ids, deterministic: bool):
+    def __call__(self, x, key_mask, position_ids, deterministic: bool, ctx=None):
         c = self.config
         h, hkv, dh = c.num_heads, c.num_kv_heads, c.head_dim
         dense = lambda site, feats: sites.dense(
-            self.filler, site, self.layer, features=feats, use_bias=c.attention_bias, dtype=self.dtype,
+            self.filler, site, self.layer, ctx, features=feats, use_bias=c.attention_bias, dtype=self.dtype,
             kernel_init=nn.initializers.normal(c.initializer_range), name=site)
-        ctx = self_attention(self, x, key_mask, dense, num_heads=h, num_kv_heads=hkv, head_dim=dh, causal=True,
+        heads = self_attention(self, x, key_mask, dense, num_heads=h, num_kv_heads=hkv, head_dim=dh, causal=True,
                              dropout_rate=c.attention_dropout, deterministic=deterministic,
                              rotate=lambda z: rotary(z, position_ids, c.rope_theta))  # [B, T, H*Dh]
-        return dense(sites.ATTN_OUT, c.hidden_size)(ctx)  # [B, T, D]
+        return dense(sites.ATTN_OUT, c.hidden_size)(heads)  # [B, T, D]
 
 
 class LlamaLayer(nn.Module):
@@ -140,11 +140,11 @@ class LlamaLayer(nn.Module):
         c = self.config
         a = RMSNorm(c.rms_norm_eps, self.dtype, name="attention_norm")(x)
         a = LlamaAttention(c, self.layer, self.filler, self.dtype, name="attention")(
-            a, key_mask, position_ids, deterministic)
+            a, key_mask, position_ids, deterministic, ctx)
         h = sites.activation(self.filler, sites.ATTN_OUTPUT, self.layer, a, x, None,
                              deterministic, ctx)  # [B, T, D]
         dense = lambda site, feats: sites.dense(
-            self.filler, site, self.layer, features=feats, use_bias=c.mlp_bias, dtype=self.dtype,
+            self.filler, site, self.layer, ctx, features=feats, use_bias=c.mlp_bias, dtype=self.dtype,
             kernel_init=nn.initializers.normal(c.initializer_range), name=site)
         y = RMSNorm(c.rms_norm_eps, self.dtype, name="ffn_norm")(h)
         y = ACTIVATIONS[c.hidden_act](dense(sites.FFN_GATE, c.intermediate_size)(y)) * \

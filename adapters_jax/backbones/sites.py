@@ -21,18 +21,22 @@ Site kinds and the call each filled site must support:
 * Dense sites replace one nn.Dense. The factory is called with nn.Dense's keyword
   arguments (features, use_bias, dtype, param_dtype, kernel_init, name) and must keep the
   base parameters at `<name>/kernel` and `<name>/bias` (LoRA, IA3 subclass nn.Dense).
+  Backbones pass their per-call context as `dense(..., ctx=ctx)`; a module whose class sets
+  `takes_context = True` (several adapters under 'select', which need the row ids) is then
+  called as `module(x, context=ctx)`, every other one as plain `module(x)`.
 * The attention site ATTN_PREFIX ("prefix"): the module is called as `module(batch)` and
   returns (keys, values), each [B, P, H_kv, Dh], prepended to every head's keys/values.
 * The model-level site SHARED ("shared_adapters", layer -1) holds parameters shared across
   layers (Compacter's PHM rules). The model calls `module()` once per call.
 * Per-call context: the model builds `context(filler, adapter_ids)` once, a dict with the
   shared parameters and the per-example adapter ids [B] (None when unused), and every filled
-  activation site receives it as the keyword argument `context=`.
+  activation site (and every dense site that takes it) receives it as the keyword `context=`.
 * The embedding site EMBED_PROMPT ("prompt"): `module(embeddings [B,T,D], mask [B,T])`
   returns the extended (embeddings, mask).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -61,10 +65,15 @@ def lookup(filler: Optional[SiteFiller], site: str, layer: int):
     return None if filler is None else filler(site, layer)
 
 
-def dense(filler: Optional[SiteFiller], site: str, layer: int, **dense_kwargs: Any) -> nn.Module:
-    """An nn.Dense, or whatever fills this dense site, built with the same arguments."""
+def dense(filler: Optional[SiteFiller], site: str, layer: int, ctx: Optional[dict] = None,
+          **dense_kwargs: Any) -> Callable:
+    """An nn.Dense, or whatever fills this dense site, built with the same arguments; call it
+    as `(x)`. A module that takes the per-call context (per-row adapters) gets `ctx` bound."""
     factory = lookup(filler, site, layer) or nn.Dense
-    return factory(**dense_kwargs)
+    module = factory(**dense_kwargs)
+    if getattr(module, "takes_context", False):
+        return functools.partial(module, context=ctx)
+    return module
 
 
 def add_and_norm(sublayer_out, sublayer_in, layer_norm):

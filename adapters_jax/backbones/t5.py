@@ -146,13 +146,14 @@ class T5Attention(nn.Module):
     owns_bias: bool = False  # layer 0's self-attention holds the relative position table
 
     @nn.compact
-    def __call__(self, x, kv, key_mask, position_bias, deterministic: bool):
-        """x [B, T, D] queries; kv [B, S, D] keys/values source; position_bias [1, H, T, S] or None."""
+    def __call__(self, x, kv, key_mask, position_bias, deterministic: bool, ctx=None):
+        """x [B, T, D] queries; kv [B, S, D] keys/values source; position_bias [1, H, T, S] or None;
+        ctx: the per-call adapter context for the dense sites."""
         c = self.config
         b, t, _ = x.shape
         h, dh = c.num_heads, c.head_dim
         std = c.initializer_factor * c.hidden_size ** -0.5
-        dense = lambda site, feats: sites.dense(self.filler, site, self.layer, features=feats, use_bias=False,
+        dense = lambda site, feats: sites.dense(self.filler, site, self.layer, ctx, features=feats, use_bias=False,
                                                 dtype=self.dtype, kernel_init=nn.initializers.normal(std),
                                                 name=site)
         q = dense(sites.QUERY, h * dh)(x).reshape(b, t, h, dh)  # [B, T, H, Dh]
@@ -169,8 +170,8 @@ class T5Attention(nn.Module):
         mask = build_mask(t, key_mask, causal=self.causal, n_prefix=n_prefix)  # [B, 1, T, P+S]
         if bias is not None:
             bias = bias.astype(q.dtype)
-        ctx = attend(q, k, v, mask, c.dropout_rate, deterministic, self, bias=bias, scale=1.0)
-        return dense(sites.ATTN_OUT, c.hidden_size)(ctx.reshape(b, t, h * dh)), position_bias
+        heads = attend(q, k, v, mask, c.dropout_rate, deterministic, self, bias=bias, scale=1.0)
+        return dense(sites.ATTN_OUT, c.hidden_size)(heads.reshape(b, t, h * dh)), position_bias
 
 
 class T5Block(nn.Module):
@@ -190,15 +191,15 @@ class T5Block(nn.Module):
         act = lambda site, out, res: sites.activation(self.filler, site, self.layer, out, res, None, det, ctx)
         a = norm("attention_norm")(x)
         a, position_bias = T5Attention(c, self.layer, self.filler, self.dtype, causal=self.decoder,
-                                       owns_bias=self.first, name="self_attention")(a, a, mask, position_bias, det)
+                                       owns_bias=self.first, name="self_attention")(a, a, mask, position_bias, det, ctx)
         h = act(sites.ATTN_OUTPUT, drop(a), x)  # [B, T, D]
         if self.decoder:
             y = norm("cross_attention_norm")(h)
             y, _ = T5Attention(c, self.layer, self.filler, self.dtype, cross=True,
-                               name="cross_attention")(y, enc, enc_mask, None, det)
+                               name="cross_attention")(y, enc, enc_mask, None, det, ctx)
             h = act(sites.CROSS_ATTN_OUTPUT, drop(y), h)
         std = c.initializer_factor * c.hidden_size ** -0.5
-        dense = lambda site, feats: sites.dense(self.filler, site, self.layer, features=feats, use_bias=False,
+        dense = lambda site, feats: sites.dense(self.filler, site, self.layer, ctx, features=feats, use_bias=False,
                                                 dtype=self.dtype, kernel_init=nn.initializers.normal(std),
                                                 name=site)
         y = norm("ffn_norm")(h)

@@ -123,16 +123,16 @@ class ViTAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool):
+    def __call__(self, x, key_mask, deterministic: bool, ctx=None):
         c = self.config
         b, t, d = x.shape
         h, dh = c.num_heads, d // c.num_heads
         dense = lambda site, feats, bias=c.qkv_bias: sites.dense(
-            self.filler, site, self.layer, features=feats, use_bias=bias, dtype=self.dtype,
+            self.filler, site, self.layer, ctx, features=feats, use_bias=bias, dtype=self.dtype,
             kernel_init=nn.initializers.truncated_normal(c.initializer_range), name=site)
-        ctx = self_attention(self, x, key_mask, dense, num_heads=h, head_dim=dh, causal=False,
+        heads = self_attention(self, x, key_mask, dense, num_heads=h, head_dim=dh, causal=False,
                              dropout_rate=c.attention_dropout, deterministic=deterministic)  # [B, T, D]
-        out = dense(sites.ATTN_OUT, d, True)(ctx)
+        out = dense(sites.ATTN_OUT, d, True)(heads)
         return Dropout(c.hidden_dropout)(out, deterministic=deterministic)  # [B, T, D]
 
 
@@ -147,10 +147,10 @@ class ViTLayer(nn.Module):
     def __call__(self, x, key_mask, deterministic: bool, ctx=None):
         c = self.config
         a = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_norm")(x)
-        a = ViTAttention(c, self.layer, self.filler, self.dtype, name="attention")(a, key_mask, deterministic)
+        a = ViTAttention(c, self.layer, self.filler, self.dtype, name="attention")(a, key_mask, deterministic, ctx)
         h = sites.activation(self.filler, sites.ATTN_OUTPUT, self.layer, a, x, None, deterministic, ctx)
         dense = lambda site, feats: sites.dense(
-            self.filler, site, self.layer, features=feats, use_bias=True, dtype=self.dtype,
+            self.filler, site, self.layer, ctx, features=feats, use_bias=True, dtype=self.dtype,
             kernel_init=nn.initializers.truncated_normal(c.initializer_range), name=site)
         y = LayerNorm(c.layer_norm_eps, self.dtype, name="ffn_norm")(h)
         y = ACTIVATIONS[c.hidden_act](dense(sites.FFN_IN, c.intermediate_size)(y))  # [B, T, F]
