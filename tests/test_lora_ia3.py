@@ -112,7 +112,8 @@ def test_lora_dropout_only_with_a_dropout_rng():
     params = randomize(model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"], "lora_b", 0.2)
     ids, mask = batch()
     evaluation = out_of(model, params, ids, mask)
-    assert np.array_equal(out_of(model, params, ids, mask, deterministic=False), evaluation)
+    # training mode takes the explicit attention einsums (evaluation the fused op): equal to rounding
+    np.testing.assert_allclose(out_of(model, params, ids, mask, deterministic=False), evaluation, atol=1e-6)
     train = out_of(model, params, ids, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)})
     assert np.abs(train - evaluation).max() > 1e-3
 

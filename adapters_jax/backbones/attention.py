@@ -52,21 +52,31 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
     Returns:
       [B, T, H, Dh]
     """
-    if deterministic or dropout_rate == 0.0:
+    if deterministic:  # XLA:CPU: the fused op has the faster forward (45.7 vs 66.6 ms at 32 x 128 x 12
+        # heads), the explicit einsums the faster gradient (76.4 vs 102.6 ms): training takes those
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
-    h, hkv = q.shape[2], k.shape[2]
-    if h != hkv:  # grouped-query attention: repeat each key/value head for its group
-        k = jnp.repeat(k, h // hkv, axis=2)
-        v = jnp.repeat(v, h // hkv, axis=2)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale  # [B, H, T, S]
+    b, t, h, dh = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    g = h // hkv
+    scale = dh ** -0.5 if scale is None else scale
+    if g == 1:
+        logits = jnp.einsum("bthd,bshd->bhts", q, k)  # [B, H, T, S]
+    else:  # grouped-query attention: G = H / Hkv query heads per key/value head. Keys and values
+        # are read in place; a repeat would be saved for the backward (2 (H - Hkv) Dh per token)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, hkv, g, dh), k).reshape(b, h, t, s)
+    logits = logits.astype(jnp.float32) * scale
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    keep = keep_mask(module.make_rng("dropout"), probs.shape, 1.0 - dropout_rate)  # [B, H, T, S]
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", probs, v)
+    if dropout_rate > 0.0:
+        keep = keep_mask(module.make_rng("dropout"), probs.shape, 1.0 - dropout_rate)  # [B, H, T, S]
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = probs.astype(v.dtype)
+    if g == 1:
+        return jnp.einsum("bhts,bshd->bthd", probs, v)  # [B, T, H, Dh]
+    probs = probs.reshape(b, hkv, g, t, s)  # [B, Hkv, G, T, S]
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
 
 
 def with_prefix(k: jnp.ndarray, v: jnp.ndarray, prefix: Optional[tuple]) -> tuple:
@@ -88,7 +98,8 @@ def self_attention(module: nn.Module, x: jnp.ndarray, key_mask: jnp.ndarray, den
       module: the calling attention module (its filler and layer pick the prefix site; its
         'dropout' stream feeds attention dropout).
       x: [B, T, D]; key_mask: [B, T] 1 for real tokens.
-      dense: (site, features) -> a dense site module of the backbone (its bias and init).
+      dense: (site, features) -> a dense site of the backbone, called as `(x)` (the backbone binds
+        its bias, init and the per-call adapter context, which per-row LoRA/IA3 sites read).
       rotate: optional [B, T, H, Dh] -> same (Llama's RoPE), applied to queries and keys.
     Returns:
       the attention context [B, T, H * Dh], before the output projection.
