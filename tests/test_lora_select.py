@@ -142,8 +142,9 @@ def test_peft_mixed_batch_adapter_names_match(tmp_path, kind):
     pm.eval()
     names = ["two", "one", "__base__"]  # T_IDS has 3 rows
     with torch.no_grad():
-        out = pm(input_ids=torch.tensor(T_IDS).long(), attention_mask=torch.tensor(T_MASK).long(), adapter_names=names)
-    want = (out.last_hidden_state if kind == "bert" else out.logits).numpy()
+        torch_out = pm(input_ids=torch.tensor(T_IDS).long(), attention_mask=torch.tensor(T_MASK).long(),
+                       adapter_names=names)
+    want = (torch_out.last_hidden_state if kind == "bert" else torch_out.logits).numpy()
     with pm.disable_adapter():
         assert np.abs(want[:2] - _torch_out(pm, kind)[:2]).max() > 1e-2  # both adapters act on their rows
     pm.save_pretrained(str(tmp_path / "peft"))  # non-default adapters go to peft/<name>
@@ -161,8 +162,8 @@ def test_peft_mixed_batch_adapter_names_match(tmp_path, kind):
     lora = {k: v for k, v in traverse_util.flatten_dict(params).items() if k[-1].startswith("lora_")}
     assert len(lora) == sum(1 for n, _ in pm.named_parameters() if "lora_" in n)
     assert all(np.any(v != 0) for v in lora.values())  # every LoRA leaf imported, none left at zero
+    out = "last_hidden_state" if kind == "bert" else "logits"
     run = jax.jit(lambda p, adapter_ids: model.apply({"params": p}, jnp.asarray(T_IDS), jnp.asarray(T_MASK),
                                                       adapter_ids=adapter_ids)[out])
-    out = "last_hidden_state" if kind == "bert" else "logits"
     assert _err(run(params, ids), want, kind) <= 1e-4
     assert _err(run(params, ids[::-1]), want, kind) > 1e-2  # each row's own adapter matters
