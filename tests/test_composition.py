@@ -193,3 +193,34 @@ def test_bad_setups_are_refused():
                            composition="stack")
     with pytest.raises(ValueError, match="dense site 'query': composition 'stack' of several LoRA/IA3"):
         stacked("query", 0)
+
+
+@pytest.mark.parametrize("scaling", [1.0, "channel"])
+def test_like_bottlenecks_gather_per_row_weights_and_cost_one_adapter(tmp_path, monkeypatch, scaling):
+    """Members with one config take the gathered path: same outputs as each alone, and the
+    traced forward holds the base's matmuls plus one adapter's, not N adapters'."""
+    from adapters_jax.adapters import select_gather
+    _tiny(tmp_path)
+    config, base = bert_weights.load(str(tmp_path))
+    specs = tuple(spec_from_config("houlsby", name=n, bottleneck_dim=8, scaling=scaling) for n in NAMES)
+    mixed = BertModel(config, filler=AdapterSetup(specs, composition="select"))
+    ids, mask = _inputs()
+    task = np.array([0, 2, 1, -1, 0, 2], np.int32)  # -1: no adapter, the plain model
+    params = _setup_params(mixed, base, ids, mask, adapter_ids=task)
+    gathered = []
+    real = select_gather.select_gathered
+    monkeypatch.setattr(select_gather, "select_gathered", lambda *a: gathered.append(1) or real(*a))
+    got = np.asarray(mixed.apply({"params": params}, ids, mask, adapter_ids=task)["last_hidden_state"])
+    assert len(gathered) == 2 * 2  # both sites of both layers
+    for i, spec in enumerate(specs):
+        alone = BertModel(config, filler=spec).apply({"params": params}, ids[task == i], mask[task == i])
+        np.testing.assert_allclose(got[task == i], np.asarray(alone["last_hidden_state"]), atol=1e-5)
+    plain = BertModel(config).apply({"params": base}, ids[task == -1], mask[task == -1])
+    np.testing.assert_allclose(got[task == -1], np.asarray(plain["last_hidden_state"]), atol=1e-5)
+
+    def matmuls(model, p, **call):  # dot_general equations in the traced forward, nested ones included
+        jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, ids, mask, **call))(p)
+        return str(jaxpr).count("dot_general[")
+    single = matmuls(BertModel(config, filler=specs[0]), params)
+    assert matmuls(mixed, params, adapter_ids=task) == single  # base + one adapter's down and up
+    assert single > matmuls(BertModel(config), base)

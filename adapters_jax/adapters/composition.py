@@ -5,8 +5,10 @@ names in brackets):
 
 * 'select' [BatchSplit]: each row uses its own adapter, chosen by `adapter_ids` [B] passed to
   the model call. Choosing another adapter is a change of data, not of program: nothing is
-  re-initialised or recompiled. Every member runs on the batch and each row keeps its own
-  member's output, so a mixed batch costs the base model once plus N small adapters.
+  re-initialised or recompiled. Like bottleneck members (one config, different weights)
+  run once, each row with its own gathered weights (select_gather.py): base + 1 adapter.
+  Otherwise every member runs on the batch and each row keeps its own member's output, so a
+  mixed batch costs the base model once plus N small adapters.
   It works at activation sites (bottleneck, Compacter) and at dense sites (`SelectDense`:
   LoRA and IA3, PEFT's mixed-batch `adapter_names=[...]`); a row whose adapter has nothing
   at a site (other layers, other sites, AdapterDrop) gets that site's plain output.
@@ -24,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from adapters_jax.adapters import select_gather
 from adapters_jax.adapters.bottleneck import post_forward, pre_forward
 from adapters_jax.adapters.fusion import AdapterFusion, FusionConfig
 from adapters_jax.adapters.ia3 import IA3Scale
@@ -81,6 +84,8 @@ def compose(site_module, modules: list, composition: str, context: Optional[dict
         ids = None if context is None else context.get("adapter_ids")
         if ids is None:
             raise ValueError("composition 'select' needs adapter_ids [B] in the model call (or batch)")
+        if select_gather.gatherable(site_module, modules):  # like bottlenecks: base + 1 adapter, any N
+            return select_gather.select_gathered(site_module, modules, ids, h_out, x, layer_norm, deterministic)
         # Rows whose adapter has nothing at this site (other layers, AdapterDrop) pass straight through.
         out = add_and_norm(h_out, x, layer_norm)  # [B, T, D]
         for adapter_id, (module, sh) in zip(site_module.member_ids, modules):
