@@ -11,6 +11,9 @@ flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (
 flags.DEFINE_string("coordinator", None, "with --multihost off a cluster: HOST:PORT of process 0")
 flags.DEFINE_integer("num_processes", None, "with --coordinator: how many processes")
 flags.DEFINE_integer("process_id", None, "with --coordinator: this process's index")
+flags.DEFINE_string("compile_cache", os.path.join(os.path.expanduser("~"), ".cache", "adapters_jax", "xla"),
+                    "persistent XLA compilation cache directory, so reruns, resumes and sweep trials skip "
+                    "recompiling the same steps ('' turns it off; $JAX_COMPILATION_CACHE_DIR wins if set)")
 FLAGS = flags.FLAGS
 
 
@@ -26,6 +29,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     logging.get_absl_handler().addFilter(_one_line_library_errors)
     import jax
+    if FLAGS.compile_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
     if FLAGS.multihost:
         # CPU processes talk via gloo (harmless on GPU/TPU, where the CPU backend is unused).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
