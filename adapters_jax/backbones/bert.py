@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from adapters_jax.backbones.grad_barrier import grad_barrier
 from adapters_jax.backbones import sites
 from adapters_jax.backbones.attention import self_attention
 from adapters_jax.dropout import Dropout
@@ -93,7 +94,7 @@ class LayerNorm(nn.Module):
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-        return y
+        return grad_barrier(y)  # its gradient is computed once (see grad_barrier.py)
 
 
 class BertEmbeddings(nn.Module):

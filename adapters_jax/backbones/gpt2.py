@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from adapters_jax.backbones import sites
 from adapters_jax.backbones.attention import self_attention
 from adapters_jax.backbones.bert import ACTIVATIONS, LayerNorm
+from adapters_jax.backbones.grad_barrier import grad_barrier
 from adapters_jax.dropout import Dropout
 
 
@@ -136,6 +137,7 @@ class GPT2Layers(nn.Module):
         for i in range(self.config.num_layers):
             x = GPT2Layer(self.config, i, self.filler, self.dtype, name=f"layer_{i}")(
                 x, key_mask, deterministic, ctx)
+            x = grad_barrier(x)  # the residual stream's gradient, computed once per layer
             hidden.append(x)
         return x, hidden
 
