@@ -17,9 +17,11 @@ def base_config() -> ml_collections.ConfigDict:
                                               train_all=False))
     # data.name: rotten_tomatoes | bbc_news | tweet_sentiment | files | glue_tsv/<task> | glue/<task>
     # data.files: 'train=a.csv,validation=b.csv' for name=files; data.glue_dir: a local GLUE folder.
-    c.data = ml_collections.ConfigDict(dict(name="rotten_tomatoes", max_length=128, buckets=(32, 64, 128),
-                                            data_dir="", files="", glue_dir="", num_labels=2,
-                                            skip_bad_rows=False))
+    # buckets: padded lengths; fine steps cut padding (Rotten Tomatoes: 32.8 tokens per row on
+    # average, 43.0 with 32/64/128) for one compile each.
+    c.data = ml_collections.ConfigDict(dict(name="rotten_tomatoes", max_length=128,
+                                            buckets=(16, 24, 32, 40, 48, 64, 128), data_dir="", files="",
+                                            glue_dir="", num_labels=2, skip_bad_rows=False))
     c.train = ml_collections.ConfigDict(dict(
         batch_size=32, eval_batch_size=64, num_epochs=3, num_steps=-1, accum_steps=1,
         log_every=20, eval_every=-1, ckpt_every=200, max_to_keep=2,  # eval_every -1: once per epoch
