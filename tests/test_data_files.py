@@ -8,7 +8,7 @@ import pytest
 from tests.test_data_shared import data_dir, tok  # noqa: F401  (pytest fixtures)
 
 pytest.importorskip("tensorflow_datasets")
-from adapters_jax.data import make_datasets, registry, sources  # noqa: E402
+from adapters_jax.data import DEFAULT_BUCKETS, bucket_lengths, make_datasets, registry, sources  # noqa: E402
 from adapters_jax.data.files import TableFormat, read_table  # noqa: E402
 from adapters_jax.data.rows import BadRowError, RowChecker  # noqa: E402
 
@@ -139,7 +139,8 @@ def test_make_datasets_rotten_tomatoes_end_to_end(tok, data_dir):
     assert (ds.num_labels, ds.train_size, ds.eval_size) == (2, 10347, 1453)
     assert ds.steps_per_epoch == 10347 // 32
     b = next(ds.train)
-    assert b["input_ids"].shape[0] == 32 and b["input_ids"].shape[1] in (32, 64)
-    assert all(e["input_ids"].shape[1] in (32, 64) for e in ds.eval_batches)
+    lengths = bucket_lengths(DEFAULT_BUCKETS, 64)  # (16, 24, 32, 40, 48, 64)
+    assert b["input_ids"].shape[0] == 32 and b["input_ids"].shape[1] in lengths
+    assert all(e["input_ids"].shape[1] in lengths for e in ds.eval_batches)
     assert ds.train.get_state()["next_index"] == 1
     assert np.isin(b["labels"], [0, 1]).all()
