@@ -5,10 +5,11 @@
 
 Ours is `experiments.train --config configs/houlsby_r64.py` (the config's length buckets;
 compiles included in its loop time, as the persistent compile cache is off). Theirs is
-experiments/epoch_adapterhub.py: the same rows, hyperparameters and thread count, batches padded to their longest row as HF does. Each runs
-in its own process, one after the other. Reports the training-loop seconds, the whole
-process wall time (imports, loading, tokenising, compiling, evaluating) and the validation
-accuracy of both; writes JSON, a markdown table and a PNG.
+experiments/epoch_adapterhub.py: the same rows, hyperparameters and thread count, batches
+padded to their longest row as HF does. Each runs in its own process, one after the other.
+Reports the training-loop seconds, the whole process wall time (imports, loading, tokenising,
+compiling, evaluating) and the validation accuracy of both; writes JSON, a markdown table and
+a PNG.
 """
 from __future__ import annotations
 

@@ -13,9 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from adapters_jax.backbones.grad_barrier import grad_barrier
 from adapters_jax.backbones import sites
 from adapters_jax.backbones.attention import self_attention
+from adapters_jax.backbones.grad_barrier import grad_barrier
 from adapters_jax.dropout import Dropout
 
 ACTIVATIONS = {
