@@ -40,7 +40,7 @@ def select_gathered(site_module, modules: list, ids, h_out, x, layer_norm, deter
     params = site_module.variables["params"]
     names = [m.name for m, _ in modules]
     # adapter id -> member index at this site; rows whose adapter is absent here point at 0 and are masked
-    table = np.full(max(site_module.num_adapters, max(site_module.member_ids) + 1), -1, np.int32)
+    table = np.full(site_module.num_adapters, -1, np.int32)  # member_ids index the setup's adapters
     table[list(site_module.member_ids)] = np.arange(len(names), dtype=np.int32)
     member = jnp.asarray(table)[jnp.clip(ids, 0, len(table) - 1)]  # [B]
     present = (member >= 0) & (ids >= 0) & (ids < len(table))  # [B]
