@@ -41,6 +41,8 @@ from typing import Any, Callable, Optional
 
 import flax.linen as nn
 
+from adapters_jax.backbones import mixed_dense
+
 ATTN_OUTPUT = "attn_adapter"
 FFN_OUTPUT = "ffn_adapter"
 CROSS_ATTN_OUTPUT = "cross_attn_adapter"
@@ -69,7 +71,7 @@ def dense(filler: Optional[SiteFiller], site: str, layer: int, ctx: Optional[dic
           **dense_kwargs: Any) -> Callable:
     """An nn.Dense, or whatever fills this dense site, built with the same arguments; call it
     as `(x)`. A module that takes the per-call context (per-row adapters) gets `ctx` bound."""
-    factory = lookup(filler, site, layer) or nn.Dense
+    factory = lookup(filler, site, layer) or mixed_dense.Dense
     module = factory(**dense_kwargs)
     if getattr(module, "takes_context", False):
         return functools.partial(module, context=ctx)

@@ -1,0 +1,85 @@
+"""Dense layers whose bf16 matmuls take the CPU's fast bf16 kernels, forward and backward.
+
+Why: on XLA:CPU a bf16 x bf16 dot runs at about twice the float32 rate (avx512_bf16/AMX,
+through XNNPACK/YNNPACK) only in one shape: row-major [M, K] @ [K, N] with a float32
+result. A bf16 result, or a transposed operand, falls back to a float32 dot (with converts),
+which is why flax's `nn.Dense(dtype=bfloat16)` was no faster than float32. Autodiff of a dot
+produces exactly the transposed forms: dx = g @ W^T and dW = x^T @ g, and XLA folds a plain
+`.T` back into the dot's dimension numbers. So `mixed_matmul` has its own VJP that
+materialises the transposes in a form the simplifier leaves alone and keeps every dot
+canonical, and it saves its residuals in bf16 (half the activation memory).
+
+Measured on the 2-core AVX-512 CPU at [4096, 384] @ [384, 1536]: forward 12.3 ms (bf16,
+float32 result) vs 24 ms (float32) vs 30.5 ms (bf16 result); dx with a folded transpose
+27 ms, materialised 12.4 ms.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def materialized_transpose(a: jnp.ndarray) -> jnp.ndarray:
+    """[M, K] -> [K, M] as an array XLA writes out, instead of folding the transpose into the
+    consuming dot (the fold makes the dot non-canonical, which the fast bf16 kernels reject)."""
+    m, k = a.shape
+    return jnp.transpose(a[..., None], (1, 0, 2)).reshape(k, m)
+
+
+def _dot_f32(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """[..., K] @ [K, N] -> [..., N] float32, contracting a's last axis with b's first."""
+    return lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def mixed_matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """x [..., K] @ kernel [K, N] with bf16 inputs and float32 accumulation -> [..., N] float32."""
+    return _dot_f32(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+
+
+def _fwd(x, kernel):
+    xb, wb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    # residuals: bf16 copies; the zero-size arrays carry the primal dtypes to the backward
+    return _dot_f32(xb, wb), (xb, wb, jnp.zeros((0,), x.dtype), jnp.zeros((0,), kernel.dtype))
+
+
+def _bwd(res, g):
+    xb, wb, x_like, w_like = res
+    gb = g.astype(jnp.bfloat16)  # [..., N]
+    dx = _dot_f32(gb, materialized_transpose(wb))  # [..., K]
+    k, n = wb.shape
+    # dW = x^T g over all leading axes; XLA drops it when the kernel is frozen
+    dw = _dot_f32(materialized_transpose(xb.reshape(-1, k)), gb.reshape(-1, n))  # [K, N]
+    return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+mixed_matmul.defvjp(_fwd, _bwd)
+
+
+def is_bf16(dtype) -> bool:
+    return dtype is not None and jnp.dtype(dtype) == jnp.bfloat16
+
+
+class Dense(nn.Dense):
+    """nn.Dense (same parameters, same init) that routes bf16 compute through `mixed_matmul`:
+    bf16 inputs, float32 accumulation and bias add, then the output cast to bf16. In float32
+    it computes exactly what nn.Dense computes."""
+
+    @nn.compact
+    def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
+                            self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        if not is_bf16(self.dtype):
+            inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+            y = lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                                precision=self.precision)
+            return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        y = mixed_matmul(inputs, kernel)  # [..., N] float32
+        if bias is not None:
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)

@@ -1,0 +1,97 @@
+"""mixed_dense: float32 is nn.Dense exactly; bf16 matches a float64 reference of the rounded
+operands, forward and backward; and every dot of its gradient stays a bf16 dot on XLA:CPU."""
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from adapters_jax.backbones import mixed_dense
+
+
+def _bf16_round(a) -> np.ndarray:
+    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def _operands(rng, shape=(3, 7, 48), features=40):
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    return x, features
+
+
+def test_float32_is_nn_dense_exactly():
+    rng = np.random.default_rng(0)
+    x, n = _operands(rng)
+    ours, ref = mixed_dense.Dense(n), nn.Dense(n)
+    p = ours.init(jax.random.PRNGKey(3), x)
+    p_ref = ref.init(jax.random.PRNGKey(3), x)
+    jax.tree.map(np.testing.assert_array_equal, p, p_ref)  # same parameters, same init
+    np.testing.assert_array_equal(ours.apply(p, x), ref.apply(p, x))
+    g = jax.grad(lambda q: jnp.sum(ours.apply(q, x) ** 2))(p)
+    g_ref = jax.grad(lambda q: jnp.sum(ref.apply(q, x) ** 2))(p)
+    jax.tree.map(np.testing.assert_array_equal, g, g_ref)
+
+
+def test_bf16_forward_and_gradients_match_float64_of_rounded_operands():
+    rng = np.random.default_rng(1)
+    x, n = _operands(rng)
+    layer = mixed_dense.Dense(n, dtype=jnp.bfloat16)
+    p = layer.init(jax.random.PRNGKey(0), x)
+    p = jax.tree.map(lambda a: a + 0.1, p)  # a non-zero bias
+    w, b = p["params"]["kernel"], p["params"]["bias"]
+    r = jnp.asarray(rng.normal(size=x.shape[:-1] + (n,)), jnp.float32)
+
+    y = layer.apply(p, x)
+    assert y.dtype == jnp.bfloat16
+    xr, wr = _bf16_round(x), _bf16_round(w)
+    y_ref = xr @ wr + np.asarray(b, np.float64)  # float32 accumulation, one bf16 rounding at the end
+    np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=2 ** -7, atol=1e-2)
+
+    def loss(x, params):
+        return jnp.sum(layer.apply(params, x).astype(jnp.float32) * r)
+    gx, gp = jax.grad(loss, argnums=(0, 1))(x, p)
+    rr = _bf16_round(r)  # the cotangent of the bf16 output is bf16
+    gx_ref = rr @ wr.T
+    gw_ref = xr.reshape(-1, x.shape[-1]).T @ rr.reshape(-1, n)
+    scale = lambda a: np.abs(a).max()
+    np.testing.assert_allclose(np.asarray(gx, np.float64), gx_ref, atol=1e-5 * scale(gx_ref) + 1e-6)
+    np.testing.assert_allclose(np.asarray(gp["params"]["kernel"], np.float64), gw_ref,
+                               atol=1e-5 * scale(gw_ref) + 1e-6)
+    np.testing.assert_allclose(gp["params"]["bias"], rr.reshape(-1, n).sum(0), rtol=1e-5, atol=1e-5)
+    assert gx.dtype == jnp.float32 and gp["params"]["kernel"].dtype == jnp.float32
+
+
+def _dot_operand_types(fn, *args) -> list[str]:
+    """Element types of every dot's operands in the compiled HLO (inside any fusion)."""
+    hlo = jax.jit(fn).lower(*args).compile().as_text()
+    shapes = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\w+)\[", line)
+        if m:
+            shapes[m.group(1)] = m.group(2)
+    types = []
+    for line in hlo.splitlines():
+        m = re.search(r"= \w+\[[^\]]*\]\S* dot\(%(\S+), %(\S+)\)", line)
+        if m:
+            types.append(f"{shapes[m.group(1)]}x{shapes[m.group(2)]}")
+    return types
+
+
+@pytest.mark.parametrize("layer_cls", [mixed_dense.Dense, nn.Dense])
+def test_bf16_gradient_dots_stay_bf16(layer_cls):
+    """XLA:CPU runs bf16 dots fast only in row-major [M, K] @ [K, N] form and upcasts any other
+    form to float32. Our VJP keeps all three dots bf16; autodiff through nn.Dense does not
+    (so this test can fail)."""
+    x = jnp.ones((4, 16, 64), jnp.float32)
+    layer = layer_cls(96, dtype=jnp.bfloat16)
+    p = layer.init(jax.random.PRNGKey(0), x)
+    grad = lambda p, x: jax.grad(lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2),
+                                 argnums=(0, 1))(p, x)
+    types = _dot_operand_types(grad, p, x)
+    assert len(types) == 3, types  # forward, dx, dW
+    if layer_cls is mixed_dense.Dense:
+        assert types == ["bf16xbf16"] * 3, types
+    else:
+        assert "f32xf32" in types, types
