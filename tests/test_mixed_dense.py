@@ -95,3 +95,53 @@ def test_bf16_gradient_dots_stay_bf16(layer_cls):
         assert types == ["bf16xbf16"] * 3, types
     else:
         assert "f32xf32" in types, types
+
+
+def test_mixed_bmm_matches_float64_and_keeps_bf16_dots():
+    rng = np.random.default_rng(2)
+    a = jnp.asarray(rng.normal(size=(2, 3, 8, 16)), jnp.float32)  # [B, H, M, K]
+    b = jnp.asarray(rng.normal(size=(2, 3, 16, 12)), jnp.float32)  # [B, H, K, N]
+    r = jnp.asarray(rng.normal(size=(2, 3, 8, 12)), jnp.float32)
+    ar, br, rr = _bf16_round(a), _bf16_round(b), _bf16_round(r)
+    np.testing.assert_allclose(mixed_dense.mixed_bmm(a, b), ar @ br, rtol=1e-5, atol=1e-5)
+    ga, gb = jax.grad(lambda a, b: jnp.sum(mixed_dense.mixed_bmm(a, b) * r), argnums=(0, 1))(a, b)
+    np.testing.assert_allclose(ga, rr @ np.swapaxes(br, -1, -2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gb, np.swapaxes(ar, -1, -2) @ rr, rtol=1e-5, atol=1e-5)
+    grad = lambda a, b: jax.grad(lambda a, b: jnp.sum(mixed_dense.mixed_bmm(a, b) ** 2), argnums=(0, 1))(a, b)
+    assert _dot_operand_types(grad, a, b) == ["bf16xbf16"] * 3
+
+
+class _Attend(nn.Module):
+    rate: float
+
+    @nn.compact
+    def __call__(self, q, k, v, mask):
+        from adapters_jax.backbones.attention import attend
+        return attend(q, k, v, mask, self.rate, False, self)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_bf16_training_attention_matches_the_float32_path(rate):
+    """The bf16 training path (canonical batched dots) against the general einsum path run in
+    float32 on the same bf16-rounded inputs, with the same dropout mask and padded keys."""
+    rng = np.random.default_rng(3)
+    b, t, h, dh = 2, 6, 3, 8
+    q, k, v, g = (jnp.asarray(_bf16_round(rng.normal(size=(b, t, h, dh))), jnp.float32) for _ in range(4))
+    key_mask = np.ones((b, t), bool)
+    key_mask[1, 4:] = False  # padding in the second row
+    mask = jnp.asarray(np.broadcast_to(key_mask[:, None, None, :], (b, 1, t, t)))
+    mod, rngs = _Attend(rate), {"dropout": jax.random.PRNGKey(7)}
+
+    def run(dtype):
+        f = lambda q, k, v: mod.apply({}, q.astype(dtype), k.astype(dtype), v.astype(dtype), mask, rngs=rngs)
+        out, vjp = jax.vjp(f, q, k, v)
+        return out.astype(jnp.float32), vjp(g.astype(dtype))
+    out, grads = run(jnp.bfloat16)
+    out_ref, grads_ref = run(jnp.float32)
+    # bf16 roundings: the probabilities before PV, the output, the cotangents of the dots
+    np.testing.assert_allclose(out, out_ref, atol=0.02 * float(jnp.abs(out_ref).max()))
+    for got, ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(got, ref, atol=0.03 * float(jnp.abs(ref).max()))
+    # padded keys get no gradient
+    np.testing.assert_array_equal(np.asarray(grads[1])[1, 4:], 0.0)
+    np.testing.assert_array_equal(np.asarray(grads[2])[1, 4:], 0.0)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
+from adapters_jax.backbones.mixed_dense import is_bf16, materialized_permute, mixed_bmm
 from adapters_jax.dropout import keep_mask
 
 
@@ -59,6 +60,8 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
     s, hkv = k.shape[1], k.shape[2]
     g = h // hkv
     scale = dh ** -0.5 if scale is None else scale
+    if g == 1 and is_bf16(q.dtype):
+        return _attend_bf16(q, k, v, mask, dropout_rate, module, bias, scale)
     if g == 1:
         logits = jnp.einsum("bthd,bshd->bhts", q, k)  # [B, H, T, S]
     else:  # grouped-query attention: G = H / Hkv query heads per key/value head. Keys and values
@@ -77,6 +80,25 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
         return jnp.einsum("bhts,bshd->bthd", probs, v)  # [B, T, H, Dh]
     probs = probs.reshape(b, hkv, g, t, s)  # [B, Hkv, G, T, S]
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+
+
+def _attend_bf16(q, k, v, mask, dropout_rate, module, bias, scale):
+    """Training attention in bf16 as canonical batched dots (`mixed_bmm`: float32 accumulation,
+    XLA:CPU's fast bf16 kernels in the forward and the backward); softmax and dropout in float32.
+    Same shapes and semantics as `attend`'s general path with one key/value head per query head."""
+    qh = materialized_permute(q, (0, 2, 1, 3))  # [B, H, T, Dh]
+    kt = materialized_permute(k, (0, 2, 3, 1))  # [B, H, Dh, S]
+    vh = materialized_permute(v, (0, 2, 1, 3))  # [B, H, S, Dh]
+    logits = mixed_bmm(qh, kt) * scale  # [B, H, T, S] float32
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout_rate > 0.0:
+        keep = keep_mask(module.make_rng("dropout"), probs.shape, 1.0 - dropout_rate)  # [B, H, T, S]
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = mixed_bmm(probs, vh)  # [B, H, T, Dh] float32
+    return jnp.transpose(out, (0, 2, 1, 3)).astype(v.dtype)  # [B, T, H, Dh]
 
 
 def with_prefix(k: jnp.ndarray, v: jnp.ndarray, prefix: Optional[tuple]) -> tuple:

@@ -21,16 +21,31 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def materialized_permute(a: jnp.ndarray, perm: tuple) -> jnp.ndarray:
+    """jnp.transpose(a, perm) as an array XLA writes out, instead of folding the transpose into
+    the consuming dot (the fold makes the dot non-canonical, which the fast bf16 kernels
+    reject). A trailing unit axis rides along, which the simplifier does not see through."""
+    out = jnp.transpose(a[..., None], tuple(perm) + (a.ndim,))
+    return out.reshape(out.shape[:-1])
+
+
 def materialized_transpose(a: jnp.ndarray) -> jnp.ndarray:
-    """[M, K] -> [K, M] as an array XLA writes out, instead of folding the transpose into the
-    consuming dot (the fold makes the dot non-canonical, which the fast bf16 kernels reject)."""
-    m, k = a.shape
-    return jnp.transpose(a[..., None], (1, 0, 2)).reshape(k, m)
+    """[..., M, K] -> [..., K, M], written out (see materialized_permute)."""
+    n = a.ndim
+    return materialized_permute(a, tuple(range(n - 2)) + (n - 1, n - 2))
 
 
 def _dot_f32(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     """[..., K] @ [K, N] -> [..., N] float32, contracting a's last axis with b's first."""
     return lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+
+def _bdot_f32(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """[..., M, K] @ [..., K, N] -> [..., M, N] float32, batched over the leading axes."""
+    n = a.ndim
+    batch = tuple(range(n - 2))
+    return lax.dot_general(a, b, (((n - 1,), (n - 2,)), (batch, batch)),
                            preferred_element_type=jnp.float32)
 
 
@@ -57,6 +72,29 @@ def _bwd(res, g):
 
 
 mixed_matmul.defvjp(_fwd, _bwd)
+
+
+@jax.custom_vjp
+def mixed_bmm(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """Batched a [..., M, K] @ b [..., K, N] with bf16 inputs and float32 accumulation ->
+    [..., M, N] float32 (attention's QK^T and PV), with canonical dots in its VJP too."""
+    return _bdot_f32(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+
+
+def _bmm_fwd(a, b):
+    ab, bb = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    return _bdot_f32(ab, bb), (ab, bb, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+
+
+def _bmm_bwd(res, g):
+    ab, bb, a_like, b_like = res
+    gb = g.astype(jnp.bfloat16)  # [..., M, N]
+    da = _bdot_f32(gb, materialized_transpose(bb))  # [..., M, K]
+    db = _bdot_f32(materialized_transpose(ab), gb)  # [..., K, N]
+    return da.astype(a_like.dtype), db.astype(b_like.dtype)
+
+
+mixed_bmm.defvjp(_bmm_fwd, _bmm_bwd)
 
 
 def is_bf16(dtype) -> bool:
