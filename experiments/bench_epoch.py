@@ -2,6 +2,7 @@
 
     python -m experiments.bench_epoch                      # Houlsby r=64, Rotten Tomatoes, 1 epoch
     python -m experiments.bench_epoch --epochs 1 --out docs/results/epoch/houlsby_rt.json
+    python -m experiments.bench_epoch --dtype bfloat16     # ours with bf16 matmuls
 
 Ours is `experiments.train --config configs/houlsby_r64.py` (the config's length buckets;
 compiles included in its loop time, as the persistent compile cache is off). Theirs is
@@ -26,6 +27,7 @@ flags.DEFINE_integer("epochs", 1, "epochs for both loops")
 flags.DEFINE_integer("seed", 0, "seed for both loops")
 flags.DEFINE_string("config", "configs/houlsby_r64.py", "our config (its method must exist in AdapterHub)")
 flags.DEFINE_string("out", "runs/bench_epoch.json", "JSON output (.md and .png go beside it)")
+flags.DEFINE_string("dtype", "", "our compute dtype (float32 or bfloat16); empty: the config's")
 FLAGS = flags.FLAGS
 
 
@@ -38,6 +40,8 @@ def run_ours(workdir: str) -> dict:
     cmd = [sys.executable, "-m", "experiments.train", f"--config={FLAGS.config}", f"--workdir={workdir}",
            f"--config.train.num_epochs={FLAGS.epochs}", f"--config.seed={FLAGS.seed}",
            "--config.train.ckpt_every=1000000", "--compile_cache="]  # cold: every compile counted
+    if FLAGS.dtype:
+        cmd.append(f"--config.model.dtype={FLAGS.dtype}")
     t0 = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -83,7 +87,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.bar([n + "\nloop" for n in names], [r["train_s"] for r in rows], color="tab:blue")
     ax.bar([n + "\nprocess" for n in names], [r["wall_s"] for r in rows], color="tab:gray")
     ax.set_ylabel("seconds (lower is better)")
-    ax.set_title(f"{FLAGS.epochs} epoch(s): {os.path.basename(FLAGS.config)}", fontsize=9)
+    ax.set_title(f"{FLAGS.epochs} epoch(s): {os.path.basename(FLAGS.config)} {FLAGS.dtype}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -101,7 +105,8 @@ def main(argv):
     print(text)
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
-        json.dump({"config": FLAGS.config, "epochs": FLAGS.epochs, "seed": FLAGS.seed, "rows": rows}, f, indent=1)
+        json.dump({"config": FLAGS.config, "epochs": FLAGS.epochs, "seed": FLAGS.seed,
+                   "dtype": FLAGS.dtype or "config", "rows": rows}, f, indent=1)
     base = os.path.splitext(FLAGS.out)[0]
     with open(base + ".md", "w") as f:
         f.write(text + "\n")

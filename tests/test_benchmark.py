@@ -56,3 +56,8 @@ def test_bench_row_reports_flops_memory_and_time():
     assert row["trainable"] > 0 and row["xla_gflop"] > 0 and row["analytic_gflop"] > 0
     assert row["step_s"] > 0 and row["peak_rss_mib"] > 0 and row["xla_step_mib"] > 0
     assert np.isclose(row["mfu"], row["analytic_gflop"] * 1e9 / row["step_s"] / 1e9)
+    # the step's memory holds the train state, the batch and the activations kept for the backward
+    _, _, state, inputs, _, _ = B.build(CFG, "houlsby", jnp.float32, BATCH, SEQ)
+    held = sum(np.asarray(x).nbytes for x in jax.tree.leaves((state, inputs)))
+    act = 4 * BATCH * SEQ * CFG.hidden_size * CFG.num_layers  # at least one [B, T, D] float32 per layer
+    assert row["xla_step_mib"] * 2**20 >= held + act
