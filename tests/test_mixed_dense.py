@@ -63,6 +63,28 @@ def test_bf16_forward_and_gradients_match_float64_of_rounded_operands():
     assert gx.dtype == jnp.float32 and gp["params"]["kernel"].dtype == jnp.float32
 
 
+@pytest.mark.parametrize("wrt", ["x", "kernel", "both"])
+def test_residuals_are_only_what_the_backward_uses(wrt):
+    """A frozen kernel's input is not kept (no dW), a constant input keeps no kernel (no dx), and
+    each one-sided gradient equals the matching half of the two-sided one."""
+    from jax._src.ad_checkpoint import saved_residuals
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(5, 64, 96)), jnp.float32)  # [B, T, K]
+    w = jnp.asarray(rng.normal(size=(96, 32)), jnp.float32)  # [K, N]
+    r = jnp.asarray(rng.normal(size=(5, 64, 32)), jnp.float32)
+    loss = lambda x, w: jnp.sum(mixed_dense.mixed_matmul(x, w) * r)
+    argnums = {"x": (0,), "kernel": (1,), "both": (0, 1)}[wrt]
+    f = lambda *diff: loss(*[diff[argnums.index(i)] if i in argnums else a for i, a in enumerate((x, w))])
+    saved = [a for a, _ in saved_residuals(f, *[(x, w)[i] for i in argnums]) if a.size]
+    kept = sorted(a.shape for a in saved if a.shape in (x.shape, w.shape))
+    want = sorted({"x": [w.shape], "kernel": [x.shape], "both": [x.shape, w.shape]}[wrt])
+    assert kept == want and all(a.dtype == jnp.bfloat16 for a in saved if a.shape in want)
+    both = jax.grad(loss, argnums=(0, 1))(x, w)
+    one = jax.grad(loss, argnums=argnums)(x, w)
+    for got, i in zip(one, argnums):
+        np.testing.assert_array_equal(got, both[i])
+
+
 def _dot_operand_types(fn, *args) -> list[str]:
     """Element types of every dot's operands in the compiled HLO (inside any fusion)."""
     hlo = jax.jit(fn).lower(*args).compile().as_text()
