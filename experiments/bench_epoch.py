@@ -3,6 +3,7 @@
     python -m experiments.bench_epoch                      # Houlsby r=64, Rotten Tomatoes, 1 epoch
     python -m experiments.bench_epoch --epochs 1 --out docs/results/epoch/houlsby_rt.json
     python -m experiments.bench_epoch --dtype bfloat16     # ours with bf16 matmuls
+    python -m experiments.bench_epoch --malloc tuned       # both loops with experiments/host_malloc.py
 
 Ours is `experiments.train --config configs/houlsby_r64.py` (the config's length buckets;
 compiles included in its loop time, as the persistent compile cache is off). Theirs is
@@ -23,10 +24,14 @@ import time
 
 from absl import app, flags
 
+from experiments import host_malloc
+
 flags.DEFINE_integer("epochs", 1, "epochs for both loops")
 flags.DEFINE_integer("seed", 0, "seed for both loops")
 flags.DEFINE_string("config", "configs/houlsby_r64.py", "our config (its method must exist in AdapterHub)")
 flags.DEFINE_string("out", "runs/bench_epoch.json", "JSON output (.md and .png go beside it)")
+flags.DEFINE_enum("malloc", "default", host_malloc.MODES, "glibc malloc settings of both loops' processes "
+                  "(experiments/host_malloc.py)")
 flags.DEFINE_string("dtype", "", "our compute dtype (float32 or bfloat16); empty: the config's")
 FLAGS = flags.FLAGS
 
@@ -43,7 +48,7 @@ def run_ours(workdir: str) -> dict:
     if FLAGS.dtype:
         cmd.append(f"--config.model.dtype={FLAGS.dtype}")
     t0 = time.perf_counter()
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env = {k: v for k, v in host_malloc.child_env(FLAGS.malloc).items() if k != "JAX_COMPILATION_CACHE_DIR"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if out.returncode:
@@ -58,7 +63,7 @@ def run_adapterhub(method: str) -> dict:
     cmd = [sys.executable, "-m", "experiments.epoch_adapterhub", f"--method={method}",
            f"--epochs={FLAGS.epochs}", f"--seed={FLAGS.seed}", f"--threads={os.cpu_count() or 1}"]
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=host_malloc.child_env(FLAGS.malloc))
     wall = time.perf_counter() - t0
     rows = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode or not rows:
@@ -87,7 +92,8 @@ def plot(rows: list[dict], path: str) -> None:
     ax.bar([n + "\nloop" for n in names], [r["train_s"] for r in rows], color="tab:blue")
     ax.bar([n + "\nprocess" for n in names], [r["wall_s"] for r in rows], color="tab:gray")
     ax.set_ylabel("seconds (lower is better)")
-    ax.set_title(f"{FLAGS.epochs} epoch(s): {os.path.basename(FLAGS.config)} {FLAGS.dtype}", fontsize=9)
+    ax.set_title(f"{FLAGS.epochs} epoch(s): {os.path.basename(FLAGS.config)} {FLAGS.dtype} "
+                 f"malloc {FLAGS.malloc}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -106,7 +112,7 @@ def main(argv):
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
         json.dump({"config": FLAGS.config, "epochs": FLAGS.epochs, "seed": FLAGS.seed,
-                   "dtype": FLAGS.dtype or "config", "rows": rows}, f, indent=1)
+                   "dtype": FLAGS.dtype or "config", "malloc": FLAGS.malloc, "rows": rows}, f, indent=1)
     base = os.path.splitext(FLAGS.out)[0]
     with open(base + ".md", "w") as f:
         f.write(text + "\n")

@@ -11,7 +11,8 @@ an analytic count that knows a frozen weight has no weight-gradient matmul and t
 gradient flows below the lowest trainable layer; MFU is the analytic count per second over
 the matmul peak the harness measures itself. `--adapterhub` times PyTorch AdapterHub on the
 same model, shapes and threads in the same run; `--inference` times forward latency of the
-base vs adapted and merged-LoRA models. Prints tables; writes JSON and a PNG (--out).
+base vs adapted and merged-LoRA models; `--malloc tuned` runs every timed subprocess with
+glibc settings that keep XLA:CPU's step temporaries resident (experiments/host_malloc.py). Prints tables; writes JSON and a PNG (--out).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from absl import app, flags
 
 from adapters_jax.adapters import spec_from_config
 from adapters_jax.backbones.bert import BertConfig, BertModel
+from experiments import host_malloc
 from experiments.bench_steps import METHODS, MODELS, bench, matmul_peak
 
 flags.DEFINE_string("methods", "full,head_only,houlsby,pfeiffer,parallel,compacter,lora,ia3,prefix,prompt",
@@ -46,6 +48,8 @@ flags.DEFINE_bool("adapterhub", False, "also time PyTorch AdapterHub (full/head_
 flags.DEFINE_bool("inference", False, "also time forward latency: base vs adapters vs merged LoRA")
 flags.DEFINE_integer("mixed_tasks", 0, "if > 0: compare a mixed-task batch over this many Houlsby adapters "
                      "('select') with a single-adapter batch, forward only, and exit")
+flags.DEFINE_enum("malloc", "default", host_malloc.MODES, "glibc malloc settings of the timed subprocesses "
+                  "(ours and AdapterHub's): 'tuned' keeps XLA:CPU's step temporaries resident (experiments/host_malloc.py)")
 flags.DEFINE_bool("child", False, "internal: benchmark one method and print its JSON row")
 FLAGS = flags.FLAGS
 
@@ -54,7 +58,7 @@ def bench_isolated(method: str, peak: float) -> dict:
     cmd = [sys.executable, "-m", "experiments.benchmark", "--child", f"--methods={method}",
            f"--model={FLAGS.model}", f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--steps={FLAGS.steps}",
            f"--dtype={FLAGS.dtype}", f"--peak_gflops={peak / 1e9}", f"--flops_only={FLAGS.flops_only}"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=host_malloc.child_env(FLAGS.malloc))
     rows = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode or not rows:
         raise RuntimeError(f"benchmark of {method} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -73,7 +77,7 @@ def adapterhub_rows(methods: list[str]) -> list[dict]:
     cmd = [sys.executable, "-m", "experiments.benchmark_adapterhub", f"--methods={','.join(methods)}",
            f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--steps={FLAGS.steps}",
            f"--threads={os.cpu_count() or 1}", f"--model={model}"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=host_malloc.child_env(FLAGS.malloc))
     if out.returncode:
         raise RuntimeError(f"AdapterHub benchmark failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -174,6 +178,8 @@ def main(argv):
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise app.UsageError(f"--methods: unknown {unknown} (known: {', '.join(METHODS)})")
+    if FLAGS.malloc != "default" and not FLAGS.isolate:
+        raise app.UsageError("--malloc=tuned needs --isolate: glibc reads its settings at process start")
     if FLAGS.child:
         print(json.dumps(bench(cfg, methods[0], dtype, FLAGS.peak_gflops * 1e9, FLAGS.batch, FLAGS.seq,
                                FLAGS.steps, FLAGS.flops_only)), flush=True)
@@ -187,7 +193,7 @@ def main(argv):
         return
     peak = FLAGS.peak_gflops * 1e9 or (0.0 if FLAGS.flops_only else matmul_peak(dtype))
     title = (f"{FLAGS.model} batch {FLAGS.batch} x {FLAGS.seq}, {FLAGS.dtype}, {jax.device_count()} "
-             f"{jax.devices()[0].platform} device(s), {os.cpu_count()} CPU threads, matmul peak {peak / 1e9:.0f} GFLOP/s")
+             f"{jax.devices()[0].platform} device(s), {os.cpu_count()} CPU threads, matmul peak {peak / 1e9:.0f} GFLOP/s, malloc {FLAGS.malloc}")
     print(title, flush=True)
     rows = []
     for i, method in enumerate(methods):
@@ -201,7 +207,7 @@ def main(argv):
     for line in comparisons(rows, torch_rows):
         print(line)
     result = {"model": FLAGS.model, "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
-              "cpu_threads": os.cpu_count(), "matmul_peak_gflops": peak / 1e9, "rows": rows,
+              "cpu_threads": os.cpu_count(), "matmul_peak_gflops": peak / 1e9, "malloc": FLAGS.malloc, "rows": rows,
               "adapterhub": torch_rows}
     if FLAGS.inference:
         from experiments import bench_inference
