@@ -192,7 +192,8 @@ def saved_per_token(a: Arch, seq: int, s: int, sites: dict, cut: int, full: bool
     sites: {position: (kind 'act' | 'dense', bottleneck r)}. Sub-layers at or below the cut save nothing.
     """
     d, h, hkv, dh, f, t = a.d, a.heads, a.kv_heads, a.head_dim, a.ffn, seq
-    norm = 8 * d + 8  # f32 norm input, 2x (d/dx of the square), 2 per-token scalars
+    norm = 8 * d + 8  # RMSNorm: f32 input, 2x (d/dx of the square), 2 per-token scalars
+    ln = 4 * d + 4  # LayerNorm (backbones/layer_norm.py): f32 normalised values, 1 per-token scalar
     # scores: bool mask, f32 masked logits, f32 exp, probs (compute dtype) [+ keep mask, f32 probs]
     scores = (h * dh * s + 4 * h) if flash else h * (t * (9 + s + (5 if attn_dropout else 0)) + 8)
     if a.family == "llama":
@@ -205,12 +206,11 @@ def saved_per_token(a: Arch, seq: int, s: int, sites: dict, cut: int, full: bool
     else:
         drop = (d + d * s) if hidden_dropout else 0  # keep mask + dropped values
         attn = 3 * d * s + scores + drop
-        ffn = 3 * f * s + drop  # exact GELU: 3 intermediates
-        at_site = norm  # post-LN: the add & norm sits at each activation site
+        ffn = f * s + drop  # exact GELU: its input (backbones/gelu.py)
+        at_site = ln  # post-LN: the add & norm sits at each activation site
         if full:
             attn += 4 * d + (0 if flash else d * s)
             ffn += 4 * d + f * s
-            at_site += 4 * d
     layers = []
     for l in range(a.layers):
         b = (attn if 4 * l > cut else 0) + (ffn if 4 * l + 2 > cut else 0)
@@ -225,7 +225,7 @@ def saved_per_token(a: Arch, seq: int, s: int, sites: dict, cut: int, full: bool
     if full and a.family == "llama":
         top += 4 * d + 4 + (d * s if head == "lm" else 0)  # final norm's normalised value, ids, lm_head input
     elif full:
-        top += norm + 4 * d + (d + d * s if hidden_dropout else 0) + 12  # embeddings LayerNorm, dropout, ids
+        top += ln + 4 * d + (d + d * s if hidden_dropout else 0) + 12  # embeddings LayerNorm, dropout, ids
     return layers, top
 
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
-from adapters_jax.backbones.mixed_dense import is_bf16, materialized_permute, mixed_bmm
+from adapters_jax.backbones.mixed_dense import materialized_permute, mixed_bmm, use_cpu_bf16_kernels
 from adapters_jax.dropout import keep_mask
 
 
@@ -60,26 +60,29 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
     s, hkv = k.shape[1], k.shape[2]
     g = h // hkv
     scale = dh ** -0.5 if scale is None else scale
-    if g == 1 and is_bf16(q.dtype):
+    if g == 1 and use_cpu_bf16_kernels(q.dtype):
         return _attend_bf16(q, k, v, mask, dropout_rate, module, bias, scale)
     if g == 1:
         logits = jnp.einsum("bthd,bshd->bhts", q, k)  # [B, H, T, S]
     else:  # grouped-query attention: G = H / Hkv query heads per key/value head. Keys and values
         # are read in place; a repeat would be saved for the backward (2 (H - Hkv) Dh per token)
         logits = jnp.einsum("btkgd,bskd->bkgts", q.reshape(b, t, hkv, g, dh), k).reshape(b, h, t, s)
-    logits = logits.astype(jnp.float32) * scale
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if dropout_rate > 0.0:
-        keep = keep_mask(module.make_rng("dropout"), probs.shape, 1.0 - dropout_rate)  # [B, H, T, S]
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    probs = probs.astype(v.dtype)
+    probs = _dropped_probs(logits.astype(jnp.float32) * scale, mask, bias, dropout_rate, module).astype(v.dtype)
     if g == 1:
         return jnp.einsum("bhts,bshd->bthd", probs, v)  # [B, T, H, Dh]
     probs = probs.reshape(b, hkv, g, t, s)  # [B, Hkv, G, T, S]
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+
+
+def _dropped_probs(logits, mask, bias, dropout_rate, module):
+    """Float32 logits [B, H, T, S] (already scaled) -> masked softmax with probability dropout."""
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    if dropout_rate > 0.0:
+        keep = keep_mask(module.make_rng("dropout"), probs.shape, 1.0 - dropout_rate)  # [B, H, T, S]
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    return probs
 
 
 def _attend_bf16(q, k, v, mask, dropout_rate, module, bias, scale):
@@ -89,14 +92,7 @@ def _attend_bf16(q, k, v, mask, dropout_rate, module, bias, scale):
     qh = materialized_permute(q, (0, 2, 1, 3))  # [B, H, T, Dh]
     kt = materialized_permute(k, (0, 2, 3, 1))  # [B, H, Dh, S]
     vh = materialized_permute(v, (0, 2, 1, 3))  # [B, H, S, Dh]
-    logits = mixed_bmm(qh, kt) * scale  # [B, H, T, S] float32
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if dropout_rate > 0.0:
-        keep = keep_mask(module.make_rng("dropout"), probs.shape, 1.0 - dropout_rate)  # [B, H, T, S]
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    probs = _dropped_probs(mixed_bmm(qh, kt) * scale, mask, bias, dropout_rate, module)  # [B, H, T, S] float32
     out = mixed_bmm(probs, vh)  # [B, H, T, Dh] float32
     return jnp.transpose(out, (0, 2, 1, 3)).astype(v.dtype)  # [B, T, H, Dh]
 

@@ -15,11 +15,13 @@ import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
 from adapters_jax.backbones.attention import self_attention
+from adapters_jax.backbones.gelu import gelu_exact
 from adapters_jax.backbones.grad_barrier import grad_barrier
+from adapters_jax.backbones.layer_norm import layer_norm
 from adapters_jax.dropout import Dropout
 
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu_exact,  # jax.nn.gelu(approximate=False), keeping only x for the backward
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
@@ -90,10 +92,7 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        y = layer_norm(x.astype(jnp.float32), scale, bias, self.eps)  # [..., D] float32
         return grad_barrier(y)  # its gradient is computed once (see grad_barrier.py)
 
 
