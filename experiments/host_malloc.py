@@ -9,8 +9,7 @@ from the heap. These must be set before the process starts (glibc reads them onc
 benchmarks pass them to the subprocesses they time, ours and AdapterHub's alike:
 
     python -m experiments.benchmark --malloc tuned
-    env MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 \\
-        python -m experiments.train --config configs/houlsby_r64.py
+    python -m experiments.train --config configs/houlsby_r64.py --host_malloc tuned  # re-execs itself
 
 The cost is peak RSS: memory freed after compiling stays in the heap (see the README's
 performance section for both sides of the trade).
@@ -21,6 +20,12 @@ import os
 
 TUNED = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 36)}
 MODES = ("default", "tuned")
+
+
+def active(environ: dict | None = None) -> bool:
+    """Whether this process started with the tuned settings."""
+    environ = os.environ if environ is None else environ
+    return all(environ.get(k) == v for k, v in TUNED.items())
 
 
 def child_env(mode: str, base: dict | None = None) -> dict:

@@ -5,6 +5,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import host_malloc
+
 config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory (default: runs/<config name>)")
 flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (pods, multi-host GPU)")
@@ -14,6 +16,9 @@ flags.DEFINE_integer("process_id", None, "with --coordinator: this process's ind
 flags.DEFINE_string("compile_cache", os.path.join(os.path.expanduser("~"), ".cache", "adapters_jax", "xla"),
                     "persistent XLA compilation cache directory, so reruns, resumes and sweep trials skip "
                     "recompiling the same steps ('' turns it off; $JAX_COMPILATION_CACHE_DIR wins if set)")
+flags.DEFINE_enum("host_malloc", "default", host_malloc.MODES,
+                  "'tuned' restarts this process with glibc settings that keep XLA:CPU's step temporaries "
+                  "resident (faster CPU steps, higher peak RSS; experiments/host_malloc.py)")
 FLAGS = flags.FLAGS
 
 
@@ -25,6 +30,11 @@ def default_workdir(config_path: str) -> str:
 
 def main(argv):
     del argv
+    if FLAGS.host_malloc == "tuned":
+        if not host_malloc.active():  # glibc reads its settings once, at start: start again
+            os.execve(sys.executable, [sys.executable, "-m", "experiments.train", *sys.argv[1:]],
+                      host_malloc.child_env("tuned"))
+        print("host malloc: tuned (" + " ".join(f"{k}={os.environ.get(k)}" for k in host_malloc.TUNED) + ")")
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     logging.get_absl_handler().addFilter(_one_line_library_errors)

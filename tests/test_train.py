@@ -42,3 +42,20 @@ def test_init_from_starts_from_another_runs_adapters(tmp_path):
     # adapters, which 4 steps at lr 1e-2 moved by far more than 1e-6.
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+
+
+def test_host_malloc_tuned_restarts_training_with_the_glibc_settings(tmp_path):
+    """`--host_malloc tuned` re-executes the entry point with experiments/host_malloc.TUNED in its
+    environment (glibc reads them at start) and then trains as usual."""
+    import subprocess
+    import sys
+
+    from experiments import host_malloc
+    env = host_malloc.child_env("default", dict(os.environ, JAX_PLATFORMS="cpu"))
+    out = subprocess.run([sys.executable, "-m", "experiments.train", "--config=configs/houlsby_r64.py:smoke",
+                          f"--workdir={tmp_path}", "--config.train.num_steps=2", "--host_malloc=tuned"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    started = [line for line in out.stdout.splitlines() if line.startswith("host malloc: tuned")]
+    assert started == ["host malloc: tuned (" + " ".join(f"{k}={v}" for k, v in host_malloc.TUNED.items()) + ")"]
+    assert os.path.exists(tmp_path / "adapter" / "adapter.safetensors")
