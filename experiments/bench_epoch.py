@@ -86,7 +86,8 @@ def table(rows: list[dict]) -> str:
     theirs = rows[-1]
     for ours in rows[:-1]:
         lines.append(f"\nspeed-up (AdapterHub / {ours['framework']}): train loop "
-                     f"{theirs['train_s'] / ours['train_s']:.2f}x, process wall {theirs['wall_s'] / ours['wall_s']:.2f}x; "
+                     f"{theirs['train_s'] / ours['train_s']:.2f}x, "
+                     f"process wall {theirs['wall_s'] / ours['wall_s']:.2f}x; "
                      f"accuracy difference {100 * (ours['eval_accuracy'] - theirs['eval_accuracy']):+.2f} points")
     return "\n".join(lines)
 

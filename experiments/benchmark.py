@@ -12,7 +12,8 @@ gradient flows below the lowest trainable layer; MFU is the analytic count per s
 the matmul peak the harness measures itself. `--adapterhub` times PyTorch AdapterHub on the
 same model, shapes and threads in the same run; `--inference` times forward latency of the
 base vs adapted and merged-LoRA models; `--malloc tuned` runs every timed subprocess with
-glibc settings that keep XLA:CPU's step temporaries resident (experiments/host_malloc.py). Prints tables; writes JSON and a PNG (--out).
+glibc settings that keep XLA:CPU's step temporaries resident (experiments/host_malloc.py).
+Prints tables; writes JSON and a PNG (--out).
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ flags.DEFINE_bool("inference", False, "also time forward latency: base vs adapte
 flags.DEFINE_integer("mixed_tasks", 0, "if > 0: compare a mixed-task batch over this many Houlsby adapters "
                      "('select') with a single-adapter batch, forward only, and exit")
 flags.DEFINE_enum("malloc", "default", host_malloc.MODES, "glibc malloc settings of the timed subprocesses "
-                  "(ours and AdapterHub's): 'tuned' keeps XLA:CPU's step temporaries resident (experiments/host_malloc.py)")
+                  "(ours and AdapterHub's): 'tuned' keeps XLA:CPU's step temporaries resident "
+                  "(experiments/host_malloc.py)")
 flags.DEFINE_bool("child", False, "internal: benchmark one method and print its JSON row")
 FLAGS = flags.FLAGS
 
@@ -193,7 +195,8 @@ def main(argv):
         return
     peak = FLAGS.peak_gflops * 1e9 or (0.0 if FLAGS.flops_only else matmul_peak(dtype))
     title = (f"{FLAGS.model} batch {FLAGS.batch} x {FLAGS.seq}, {FLAGS.dtype}, {jax.device_count()} "
-             f"{jax.devices()[0].platform} device(s), {os.cpu_count()} CPU threads, matmul peak {peak / 1e9:.0f} GFLOP/s, malloc {FLAGS.malloc}")
+             f"{jax.devices()[0].platform} device(s), {os.cpu_count()} CPU threads, "
+             f"matmul peak {peak / 1e9:.0f} GFLOP/s, malloc {FLAGS.malloc}")
     print(title, flush=True)
     rows = []
     for i, method in enumerate(methods):
@@ -207,8 +210,8 @@ def main(argv):
     for line in comparisons(rows, torch_rows):
         print(line)
     result = {"model": FLAGS.model, "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
-              "cpu_threads": os.cpu_count(), "matmul_peak_gflops": peak / 1e9, "malloc": FLAGS.malloc, "rows": rows,
-              "adapterhub": torch_rows}
+              "cpu_threads": os.cpu_count(), "matmul_peak_gflops": peak / 1e9, "malloc": FLAGS.malloc,
+              "rows": rows, "adapterhub": torch_rows}
     if FLAGS.inference:
         from experiments import bench_inference
         inf = bench_inference.latency_table(cfg, seq=FLAGS.seq, reps=FLAGS.steps, dtype=dtype)
