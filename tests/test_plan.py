@@ -16,6 +16,7 @@ import pytest
 
 from adapters_jax import optim, parallel, peft, rules, trainer
 from adapters_jax.adapters.presets import spec_from_config
+from adapters_jax.backbones import attention, mixed_dense
 from adapters_jax.backbones.bert import BertModel
 from adapters_jax.backbones.llama import LlamaModel
 from adapters_jax.heads import ClassificationHead
@@ -149,7 +150,11 @@ MINILM_NO_DROPOUT = dict(model_type="bert", vocab_size=30522, hidden_size=384, n
     ("tiny-llama", "lm", "none", "bf16"), ("tiny-llama", "cls", "none", "f32"), ("minilm", "cls", "houlsby", "bf16"),
     ("minilm", "cls", "none", "bf16"),
     ("minilm-no-dropout", "cls", "houlsby", "f32")])
-def test_saved_activation_bytes_equal_jax_residuals(name, head, adapter, dtype, tmp_path):
+def test_saved_activation_bytes_equal_jax_residuals(name, head, adapter, dtype, tmp_path, monkeypatch):
+    # the planner plans accelerator runs, which take flax's standard bf16 path; XLA:CPU's bf16
+    # kernels (mixed_dense, softmax_pv) keep less and are checked in their own tests
+    for module in (attention, mixed_dense):
+        monkeypatch.setattr(module, "use_cpu_bf16_kernels", lambda dtype: False)
     if name == "minilm-no-dropout":  # also exercises the config.json path
         (tmp_path / "config.json").write_text(json.dumps(MINILM_NO_DROPOUT))
         name = str(tmp_path / "config.json")

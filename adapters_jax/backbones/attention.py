@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
 from adapters_jax.backbones.mixed_dense import materialized_permute, mixed_bmm, use_cpu_bf16_kernels
+from adapters_jax.backbones.softmax_pv import softmax_dropout_pv
 from adapters_jax.dropout import keep_mask
 
 
@@ -86,14 +87,20 @@ def _dropped_probs(logits, mask, bias, dropout_rate, module):
 
 
 def _attend_bf16(q, k, v, mask, dropout_rate, module, bias, scale):
-    """Training attention in bf16 as canonical batched dots (`mixed_bmm`: float32 accumulation,
-    XLA:CPU's fast bf16 kernels in the forward and the backward); softmax and dropout in float32.
+    """Training attention in bf16 as canonical batched dots (float32 accumulation, XLA:CPU's fast
+    bf16 kernels in the forward and the backward); softmax and dropout in float32, with the
+    lean backward of `softmax_dropout_pv`.
     Same shapes and semantics as `attend`'s general path with one key/value head per query head."""
     qh = materialized_permute(q, (0, 2, 1, 3))  # [B, H, T, Dh]
     kt = materialized_permute(k, (0, 2, 3, 1))  # [B, H, Dh, S]
     vh = materialized_permute(v, (0, 2, 1, 3))  # [B, H, S, Dh]
-    probs = _dropped_probs(mixed_bmm(qh, kt) * scale, mask, bias, dropout_rate, module)  # [B, H, T, S] float32
-    out = mixed_bmm(probs, vh)  # [B, H, T, Dh] float32
+    logits = mixed_bmm(qh, kt) * scale  # [B, H, T, S] float32
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    keep = (keep_mask(module.make_rng("dropout"), logits.shape, 1.0 - dropout_rate)
+            if dropout_rate > 0.0 else None)  # [B, H, T, S]
+    out = softmax_dropout_pv(logits, keep, vh, dropout_rate)  # [B, H, T, Dh] float32
     return jnp.transpose(out, (0, 2, 1, 3)).astype(v.dtype)  # [B, T, H, Dh]
 
 

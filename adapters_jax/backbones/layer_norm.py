@@ -30,7 +30,10 @@ def _fwd(x, scale, bias, eps):
 
 def _bwd(eps, res, g):
     del eps
-    x_hat, rstd, scale = res
+    # the barrier keeps XLA's CSE from reusing the forward's broadcasts of rstd and scale here:
+    # [..., D] float32 each, which it would then hold from the forward to the backward (at
+    # MiniLM 32 x 128, 12 MiB per LayerNorm; bf16 Houlsby step memory 828 -> 696 MiB)
+    x_hat, rstd, scale = jax.lax.optimization_barrier(res)
     rows = tuple(range(g.ndim - 1))
     gs = g * scale  # [..., D]
     dx = rstd * (gs - gs.mean(-1, keepdims=True) - x_hat * (gs * x_hat).mean(-1, keepdims=True))

@@ -45,7 +45,7 @@ def _dot_f32(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
                            preferred_element_type=jnp.float32)
 
 
-def _bdot_f32(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+def bdot_f32(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     """[..., M, K] @ [..., K, N] -> [..., M, N] float32, batched over the leading axes."""
     n = a.ndim
     batch = tuple(range(n - 2))
@@ -89,14 +89,14 @@ mixed_matmul.defvjp(_fwd, _bwd, symbolic_zeros=True)
 def mixed_bmm(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     """Batched a [..., M, K] @ b [..., K, N] with bf16 inputs and float32 accumulation ->
     [..., M, N] float32 (attention's QK^T and PV), with canonical dots in its VJP too."""
-    return _bdot_f32(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+    return bdot_f32(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
 
 
 def _bmm_fwd(a, b):
     ab, bb = a.value.astype(jnp.bfloat16), b.value.astype(jnp.bfloat16)
     res = (ab if b.perturbed else None, bb if a.perturbed else None,
            jnp.zeros((0,), a.value.dtype), jnp.zeros((0,), b.value.dtype))
-    return _bdot_f32(ab, bb), res
+    return bdot_f32(ab, bb), res
 
 
 def _bmm_bwd(res, g):
@@ -104,8 +104,8 @@ def _bmm_bwd(res, g):
     if isinstance(g, SymbolicZero):
         return None, None
     gb = g.astype(jnp.bfloat16)  # [..., M, N]
-    da = None if bb is None else _bdot_f32(gb, materialized_transpose(bb)).astype(a_like.dtype)  # [..., M, K]
-    db = None if ab is None else _bdot_f32(materialized_transpose(ab), gb).astype(b_like.dtype)  # [..., K, N]
+    da = None if bb is None else bdot_f32(gb, materialized_transpose(bb)).astype(a_like.dtype)  # [..., M, K]
+    db = None if ab is None else bdot_f32(materialized_transpose(ab), gb).astype(b_like.dtype)  # [..., K, N]
     return da, db
 
 
