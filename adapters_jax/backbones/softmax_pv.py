@@ -50,7 +50,7 @@ def _fwd(logits, keep, v, rate):
 
 def _bwd(rate, res, g):
     pb, keep, vb, v_like = res
-    pb = not_before(pb, g)
+    pb, vb = not_before(pb, g), not_before(vb, g)
     gb = g.astype(jnp.bfloat16)  # [B, H, T, Dh]
     # dV^T = g^T P_drop: P_drop is the right-hand operand as it is ([.., T, S]), so no transposed
     # copy of it is written. dV^T is transposed back written out: XLA folds a plain transpose
