@@ -133,3 +133,31 @@ def test_bad_specs_fail_with_one_line_naming_the_field(minilm, options, needle):
         spec.validate(minilm.config.num_layers, minilm.config.hidden_size,
                       ("attn_adapter", "ffn_adapter", "query", "key", "value", "attn_out", "ffn_in", "ffn_out"))
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bf16_input_is_projected_in_bf16_and_kept_in_bf16():
+    """A bf16 backbone hands the adapter bf16 sublayer outputs: the down projection multiplies
+    them as they are (float32 accumulation), so its backward keeps z in bf16, not a float32
+    copy; the result matches a float64 evaluation of the same parameters to bf16 rounding."""
+    from jax._src.ad_checkpoint import saved_residuals
+    cfg = bn.BottleneckConfig(bottleneck_dim=16, init="houlsby", dropout=0.0)
+    adapter = bn.BottleneckAdapter(cfg)
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.bfloat16)  # [B, T, D] sublayer output
+    x = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.float32)  # the block input (residual)
+    params = adapter.init(jax.random.PRNGKey(0), z, x, None)["params"]
+    params = jax.tree.map(lambda p: p * 30.0, params)  # far from identity, so the bottleneck counts
+    out = adapter.apply({"params": params}, z, x, None)
+    assert out.dtype == jnp.float32
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+        z64, x64 = np.asarray(z, np.float64), np.asarray(x, np.float64)
+        h = z64 @ p64["down"]["kernel"] + p64["down"]["bias"]
+        up = np.asarray(bn.ACTIVATIONS[cfg.activation](jnp.asarray(h))) @ p64["up"]["kernel"] + p64["up"]["bias"]
+        want = up + z64 + x64  # Houlsby: adapter residual, then the block's residual (no LayerNorm here)
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=2 ** -6 * np.abs(want).max())
+
+    def loss(params):
+        return adapter.apply({"params": params}, z, x, None).sum()
+    kept = [a for a, _ in saved_residuals(loss, params) if a.shape == z.shape]
+    assert [a.dtype for a in kept] == [jnp.bfloat16], [a.dtype for a in kept]

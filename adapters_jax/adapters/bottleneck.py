@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from adapters_jax.backbones import mixed_dense
+from adapters_jax.backbones.mixed_dense import is_bf16
 from adapters_jax.dropout import Dropout
 
 ACTIVATIONS = {
@@ -112,11 +114,15 @@ def bottleneck(module: nn.Module, c: BottleneckConfig, z, deterministic: bool, d
     if proj is None:
         down_init, up_init = _inits(c)
         inits = {"down": down_init, "up": up_init}
-        proj = lambda feats, name: nn.Dense(feats, use_bias=c.use_bias, dtype=dtype, kernel_init=inits[name],
-                                            name=name)
+        # a bf16 input (the sublayer output of a bf16 backbone) is multiplied in bf16, float32
+        # accumulation, as the backbone's own matmuls: the backward then keeps that input in bf16,
+        # not a float32 copy (3 MiB less per site at MiniLM 32 x 128). The result is float32.
+        proj = lambda feats, name: (mixed_dense.Dense(
+            feats, use_bias=c.use_bias, dtype=z.dtype if name == "down" and is_bf16(z.dtype) else dtype,
+            kernel_init=inits[name], name=name))
     if c.ln_before:
         z = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="ln_before")(z)
-    h = ACTIVATIONS[c.activation](proj(c.dim(d), "down")(z))  # [B, T, r]
+    h = ACTIVATIONS[c.activation](proj(c.dim(d), "down")(z).astype(dtype))  # [B, T, r]
     up = proj(d, "up")(h)  # [B, T, D]
     if c.scaling == "learned":
         up = up * module.param("scaling", nn.initializers.ones, (1,)).astype(up.dtype)
