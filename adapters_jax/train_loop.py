@@ -27,6 +27,19 @@ from adapters_jax.run_logging import RunLog
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def frozen_dtype(config):
+    """The dtype the frozen base's matrices are stored in: model.frozen_dtype, where 'auto' is
+    the compute dtype (a bf16 run keeps its frozen matrices in bf16)."""
+    if config.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype={config.model.dtype!r} is not one of {sorted(DTYPES)}")
+    name = config.model.get("frozen_dtype", "auto")
+    if name == "auto":
+        name = config.model.dtype
+    if name not in DTYPES:
+        raise ValueError(f"model.frozen_dtype={name!r} is not one of {sorted(DTYPES) + ['auto']}")
+    return DTYPES[name]
+
+
 def build(config, backbone=None, base_sha256=None):
     """(backbone, spec, model, preloaded): the pretrained backbone with the config's adapters and
     head; `preloaded` holds adapter params read from earlier runs (AdapterFusion), else None."""
@@ -82,6 +95,7 @@ def check_config(config) -> None:
         raise ValueError("train.num_steps or train.num_epochs must be > 0")
     if config.optim.lr <= 0:
         raise ValueError(f"optim.lr={config.optim.lr} must be > 0")
+    frozen_dtype(config)  # raises for an unknown model.frozen_dtype before anything loads
     if not 0 <= config.optim.get("warmup_ratio", 0.0) <= 1:
         raise ValueError(f"optim.warmup_ratio={config.optim.warmup_ratio} must be in [0, 1]")
     if "head" in config and not 0 <= config.head.get("dropout", 0.0) < 1:
@@ -123,7 +137,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tx, sched = optim.make(params, labels, lr=config.optim.lr, total_steps=total, warmup_steps=warmup,
                            schedule_kind=config.optim.schedule, weight_decay=config.optim.weight_decay,
                            clip_norm=config.optim.clip_norm or None)
-    state = trainer.create_state(params, labels, tx, jax.random.PRNGKey(config.seed + 1))
+    state = trainer.create_state(params, labels, tx, jax.random.PRNGKey(config.seed + 1),
+                                 frozen_dtype=frozen_dtype(config))
     rep = report.parameter_report(params, labels)
     meta = export_meta(config, spec, backbone, data, base_sha256)
 

@@ -32,9 +32,18 @@ class TrainState:
         return peft.merge(self.trainable, self.frozen)
 
 
-def create_state(params: dict, labels: dict, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    """Splits the params by label; optimizer state exists for trainable leaves only."""
+def create_state(params: dict, labels: dict, tx: optax.GradientTransformation, rng: jax.Array,
+                 frozen_dtype: Optional[Any] = None) -> TrainState:
+    """Splits the params by label; optimizer state exists for trainable leaves only.
+
+    frozen_dtype: store the frozen matrices (kernels, embedding tables: 2-D and up) in this
+    dtype, e.g. bf16 for a bf16 run, whose matmuls read them in bf16 anyway: half the base's
+    memory. Vectors (biases, LayerNorm) stay as they are. Trainable leaves keep float32
+    masters, so full fine-tuning is unaffected.
+    """
     trainable, frozen = peft.split(params, labels)
+    if frozen_dtype is not None:
+        frozen = jax.tree_util.tree_map(lambda a: a.astype(frozen_dtype) if a.ndim >= 2 else a, frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
                       opt_state=tx.init(params), rng=rng)
 

@@ -86,7 +86,7 @@ def analytic_flops(cfg: BertConfig, batch: int, seq: int, *, depth: int, adapter
     return float(fwd + bwd_act + bwd_w + adapter)
 
 
-def build(cfg: BertConfig, method: str, dtype, batch: int, seq: int):
+def build(cfg: BertConfig, method: str, dtype, batch: int, seq: int, frozen_dtype=None):
     adapter, freeze = METHODS[method]
     spec = None
     if adapter is not None:
@@ -103,15 +103,15 @@ def build(cfg: BertConfig, method: str, dtype, batch: int, seq: int):
     params = jax.jit(lambda r: model.init(r, inputs)["params"])(jax.random.PRNGKey(0))
     labels = rules.labels_for(params, peft.make_rules([spec.name] if spec else [], **freeze))
     tx, _ = optim.make(params, labels, lr=1e-4, total_steps=1000)
-    state = trainer.create_state(params, labels, tx, jax.random.PRNGKey(1))
+    state = trainer.create_state(params, labels, tx, jax.random.PRNGKey(1), frozen_dtype=frozen_dtype)
     return model, tx, state, inputs, labels, params
 
 
 def bench(cfg: BertConfig, method: str, dtype, peak: float, batch: int, seq: int, steps: int,
-          flops_only: bool = False) -> dict:
+          flops_only: bool = False, frozen_dtype=None) -> dict:
     """One method's row: compile time, XLA and analytic FLOPs, memory, and (unless flops_only)
     the median step time over `steps` after two warm-up steps."""
-    model, tx, state, inputs, labels, params = build(cfg, method, dtype, batch, seq)
+    model, tx, state, inputs, labels, params = build(cfg, method, dtype, batch, seq, frozen_dtype)
     step = jax.jit(trainer.make_train_step(model, tx), donate_argnums=(0,))
     t = time.perf_counter()
     compiled = step.lower(state, inputs).compile()
@@ -122,6 +122,7 @@ def bench(cfg: BertConfig, method: str, dtype, peak: float, batch: int, seq: int
     n_tr = sum(int(np.prod(v.shape)) for k, v in flat_p.items() if flat_l[k] == peft.TRAINABLE)
     n_adapter = sum(int(np.prod(v.shape)) for k, v in flat_p.items()
                     if flat_l[k] == peft.TRAINABLE and k[0] == "backbone" and method != "full")
+    del params, flat_p  # the state holds what the step reads (its frozen base maybe in bf16)
     adapter, _ = METHODS[method]
     extra = adapter.get("n_tokens", 0) if adapter and adapter["method"] == "prompt" else 0
     analytic = analytic_flops(cfg, batch, seq, depth=gradient_depth(labels, cfg.num_layers),

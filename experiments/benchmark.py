@@ -42,6 +42,8 @@ flags.DEFINE_integer("seq", 128, "sequence length")
 flags.DEFINE_integer("steps", 10, "timed steps (median reported)")
 flags.DEFINE_bool("flops_only", False, "compile and count FLOPs, do not time")
 flags.DEFINE_string("dtype", "float32", "compute dtype: float32 or bfloat16")
+flags.DEFINE_enum("frozen_dtype", "auto", ["auto", "float32", "bfloat16"],
+                  "storage of the frozen base's matrices (auto: the compute dtype), as train's model.frozen_dtype")
 flags.DEFINE_string("out", "runs/benchmark.json", "JSON output (the PNG goes beside it)")
 flags.DEFINE_bool("isolate", True, "run each method in its own subprocess (its own peak RSS)")
 flags.DEFINE_float("peak_gflops", 0.0, "matmul peak to use (0: measure it)")
@@ -59,7 +61,8 @@ def bench_isolated(method: str, peak: float) -> dict:
     """Runs `bench` for one method in a fresh interpreter, so that its peak RSS is its own."""
     cmd = [sys.executable, "-m", "experiments.benchmark", "--child", f"--methods={method}",
            f"--model={FLAGS.model}", f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--steps={FLAGS.steps}",
-           f"--dtype={FLAGS.dtype}", f"--peak_gflops={peak / 1e9}", f"--flops_only={FLAGS.flops_only}"]
+           f"--dtype={FLAGS.dtype}", f"--frozen_dtype={FLAGS.frozen_dtype}", f"--peak_gflops={peak / 1e9}",
+           f"--flops_only={FLAGS.flops_only}"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=host_malloc.child_env(FLAGS.malloc))
     rows = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode or not rows:
@@ -175,7 +178,9 @@ def plot(path: str, rows: list[dict], torch_rows: list[dict], title: str) -> Non
 def main(argv):
     del argv
     cfg = MODELS[FLAGS.model]
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.dtype]
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    dtype = dtypes[FLAGS.dtype]
+    frozen = dtypes[FLAGS.dtype if FLAGS.frozen_dtype == "auto" else FLAGS.frozen_dtype]
     methods = FLAGS.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -184,7 +189,7 @@ def main(argv):
         raise app.UsageError("--malloc=tuned needs --isolate: glibc reads its settings at process start")
     if FLAGS.child:
         print(json.dumps(bench(cfg, methods[0], dtype, FLAGS.peak_gflops * 1e9, FLAGS.batch, FLAGS.seq,
-                               FLAGS.steps, FLAGS.flops_only)), flush=True)
+                               FLAGS.steps, FLAGS.flops_only, frozen_dtype=frozen)), flush=True)
         return
     if FLAGS.mixed_tasks:
         r = mixed_vs_single(cfg, FLAGS.mixed_tasks)
@@ -196,13 +201,14 @@ def main(argv):
     peak = FLAGS.peak_gflops * 1e9 or (0.0 if FLAGS.flops_only else matmul_peak(dtype))
     title = (f"{FLAGS.model} batch {FLAGS.batch} x {FLAGS.seq}, {FLAGS.dtype}, {jax.device_count()} "
              f"{jax.devices()[0].platform} device(s), {os.cpu_count()} CPU threads, "
-             f"matmul peak {peak / 1e9:.0f} GFLOP/s, malloc {FLAGS.malloc}")
+             f"matmul peak {peak / 1e9:.0f} GFLOP/s, frozen base {jnp.dtype(frozen).name}, malloc {FLAGS.malloc}")
     print(title, flush=True)
     rows = []
     for i, method in enumerate(methods):
         t = time.perf_counter()
         rows.append(bench_isolated(method, peak) if FLAGS.isolate else
-                    bench(cfg, method, dtype, peak, FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.flops_only))
+                    bench(cfg, method, dtype, peak, FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.flops_only,
+                          frozen_dtype=frozen))
         print(f"[{i + 1}/{len(methods)}] {method}: {time.perf_counter() - t:.0f}s "
               + (f"step {rows[-1]['step_s']:.3f}s" if "step_s" in rows[-1] else ""), flush=True)
     torch_rows = adapterhub_rows(methods) if FLAGS.adapterhub and not FLAGS.flops_only else []
@@ -211,6 +217,7 @@ def main(argv):
         print(line)
     result = {"model": FLAGS.model, "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
               "cpu_threads": os.cpu_count(), "matmul_peak_gflops": peak / 1e9, "malloc": FLAGS.malloc,
+              "frozen_dtype": jnp.dtype(frozen).name,
               "rows": rows, "adapterhub": torch_rows}
     if FLAGS.inference:
         from experiments import bench_inference

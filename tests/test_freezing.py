@@ -124,3 +124,30 @@ def test_parameter_report_counts_match_the_formulas():
     assert rep["base"] + rep["trainable"] == rep["total"]
     assert abs(rep["trainable_pct"] - 100 * rep["trainable"] / rep["base"]) < 1e-9
     assert "site attn_adapter" in report.format_report(rep)
+
+
+def test_frozen_matrices_stored_in_bf16_train_a_bf16_model_identically():
+    """A bf16 model reads its frozen matrices in bf16 anyway, so storing them in bf16
+    (create_state's frozen_dtype) halves their memory and leaves every step unchanged;
+    vectors (LayerNorm, biases) and the trainable float32 masters are not touched."""
+    spec = spec_from_config("houlsby", bottleneck_dim=8)
+    model = AdaptedModel(BertModel(TINY, filler=spec, dtype=jnp.bfloat16), ClassificationHead(3, dtype=jnp.bfloat16))
+    _, params, labels, batch = _setup()
+    tx, _ = optim.make(params, labels, lr=1e-2, total_steps=5)
+    step = jax.jit(trainer.make_train_step(model, tx))
+    states = {d: trainer.create_state(params, labels, tx, jax.random.PRNGKey(1), frozen_dtype=d)
+              for d in (None, jnp.bfloat16)}
+    frozen = traverse_util.flatten_dict(states[jnp.bfloat16].frozen)
+    assert {str(v.dtype) for v in frozen.values() if v.ndim >= 2} == {"bfloat16"}
+    assert {str(v.dtype) for v in frozen.values() if v.ndim < 2} == {"float32"}
+    assert {str(v.dtype) for v in jax.tree.leaves(states[jnp.bfloat16].trainable)} == {"float32"}
+    losses = {}
+    for d, state in states.items():
+        losses[d] = []
+        for _ in range(5):
+            state, m = step(state, batch)
+            losses[d].append(float(m["loss"]))
+        states[d] = state
+    np.testing.assert_allclose(losses[jnp.bfloat16], losses[None], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(states[jnp.bfloat16].trainable), jax.tree.leaves(states[None].trainable)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
