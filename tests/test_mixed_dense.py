@@ -167,3 +167,23 @@ def test_bf16_training_attention_matches_the_float32_path(rate):
     # padded keys get no gradient
     np.testing.assert_array_equal(np.asarray(grads[1])[1, 4:], 0.0)
     np.testing.assert_array_equal(np.asarray(grads[2])[1, 4:], 0.0)
+
+
+def test_bf16_training_attention_gradient_dots_stay_bf16():
+    """All six batched dots of bf16 training attention (QK^T and PV forward, four in the
+    backward) stay bf16 x bf16 when the cotangent arrives as the model sends it: bf16, [B, T,
+    H, Dh]. A plain transpose of the output let XLA fold the cotangent's transpose into the dP
+    dot, which then ran in float32."""
+    b, t, h, dh = 2, 16, 3, 8
+    q = k = v = jnp.ones((b, t, h, dh), jnp.bfloat16)
+    mask = jnp.ones((b, 1, t, t), bool)
+    mod, rngs = _Attend(0.1), {"dropout": jax.random.PRNGKey(0)}
+
+    w = jnp.ones((h * dh, 4), jnp.float32)
+
+    def loss(q, k, v):  # the output projection, as in the model: its dx is the cotangent
+        ctx = mod.apply({}, q, k, v, mask, rngs=rngs).reshape(b, t, h * dh)
+        return jnp.sum(mixed_dense.mixed_matmul(ctx, w) ** 2)
+    grad = lambda q, k, v: jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    types = _dot_operand_types(grad, q, k, v)
+    assert len(types) == 8 and set(types) == {"bf16xbf16"}, types  # 6 attention dots + projection, dx

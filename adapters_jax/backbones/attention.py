@@ -101,7 +101,8 @@ def _attend_bf16(q, k, v, mask, dropout_rate, module, bias, scale):
     keep = (keep_mask(module.make_rng("dropout"), logits.shape, 1.0 - dropout_rate)
             if dropout_rate > 0.0 else None)  # [B, H, T, S]
     out = softmax_dropout_pv(logits, keep, vh, dropout_rate)  # [B, H, T, Dh] float32
-    return jnp.transpose(out, (0, 2, 1, 3)).astype(v.dtype)  # [B, T, H, Dh]
+    # written out, so that its cotangent reaches the backward dots in a layout they take as bf16
+    return materialized_permute(out, (0, 2, 1, 3)).astype(v.dtype)  # [B, T, H, Dh]
 
 
 def with_prefix(k: jnp.ndarray, v: jnp.ndarray, prefix: Optional[tuple]) -> tuple:
