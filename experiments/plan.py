@@ -188,7 +188,9 @@ def saved_per_token(a: Arch, seq: int, s: int, sites: dict, cut: int, full: bool
     """Bytes per token that the backward pass keeps: ([per layer], above the layers).
 
     The terms follow what JAX saves (jax.ad_checkpoint's saved residuals) when only the
-    trainable leaves are differentiated; docs/scaling.md lists them. s: compute-dtype bytes.
+    trainable leaves are differentiated, on the accelerator path (flax's standard bf16 ops);
+    docs/scaling.md lists them. XLA:CPU's bf16 kernels keep less (softmax_pv: 3 bytes per
+    score). s: compute-dtype bytes.
     sites: {position: (kind 'act' | 'dense', bottleneck r)}. Sub-layers at or below the cut save nothing.
     """
     d, h, hkv, dh, f, t = a.d, a.heads, a.kv_heads, a.head_dim, a.ffn, seq
