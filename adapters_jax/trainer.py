@@ -37,9 +37,10 @@ def create_state(params: dict, labels: dict, tx: optax.GradientTransformation, r
     """Splits the params by label; optimizer state exists for trainable leaves only.
 
     frozen_dtype: store the frozen matrices (kernels, embedding tables: 2-D and up) in this
-    dtype, e.g. bf16 for a bf16 run, whose matmuls read them in bf16 anyway: half the base's
-    memory. Vectors (biases, LayerNorm) stay as they are. Trainable leaves keep float32
-    masters, so full fine-tuning is unaffected.
+    dtype, e.g. bf16 for a bf16 run, whose matmuls and lookups read them in bf16 anyway: half
+    the base's memory, same steps (BERT, GPT-2, Llama, ViT; T5 reads its relative-position
+    table in float32, which is then bf16-rounded). Vectors (biases, norms) stay as they are.
+    Trainable leaves keep their float32 masters, so full fine-tuning is unaffected.
     """
     trainable, frozen = peft.split(params, labels)
     if frozen_dtype is not None:

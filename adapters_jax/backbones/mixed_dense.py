@@ -88,7 +88,7 @@ mixed_matmul.defvjp(_fwd, _bwd, symbolic_zeros=True)
 @jax.custom_vjp
 def mixed_bmm(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     """Batched a [..., M, K] @ b [..., K, N] with bf16 inputs and float32 accumulation ->
-    [..., M, N] float32 (attention's QK^T and PV), with canonical dots in its VJP too."""
+    [..., M, N] float32 (attention's QK^T; PV is in softmax_pv), with canonical dots in its VJP too."""
     return bdot_f32(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
 
 
