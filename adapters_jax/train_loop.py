@@ -119,26 +119,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     data = make_datasets(config.data.name, backbone.tokenizer, tr.batch_size, config.data.max_length,
                          seed=config.seed, eval_batch_size=tr.eval_batch_size,
                          buckets=tuple(config.data.buckets), max_eval_examples=config.data.get("max_eval_examples", 0),
-                         **_source_kwargs(config))
+                         **source_kwargs(config))
     with config.unlocked():
         config.data.num_labels = data.num_labels
     base_sha256 = checkpoint.base_fingerprint(backbone.path)  # read once: fusion checks and the export
-    backbone, spec, model, preloaded = build(config, backbone, base_sha256)
-    sample = {k: v for k, v in next(iter(data.eval_batches)).items() if k != "example_index"}
-    params = init_with_base(model, backbone.params, jax.random.PRNGKey(config.seed), sample)
-    if preloaded is not None:  # AdapterFusion: the trained adapters, frozen by the rules
-        params = _place(params, preloaded, "fusion.adapters")
-    labels = rules.labels_for(params, _freeze_rules(config, spec))
-    if config.init_from:
-        params = _load_init(params, config.init_from)
-    total = tr.num_steps if tr.num_steps > 0 else tr.num_epochs * data.steps_per_epoch
-    warmup = int(config.optim.warmup_ratio * total)
+    backbone, spec, model, params, labels, tx, sched, state = setup_state(config, backbone, data, base_sha256)
+    total = total_steps(config, data)
     eval_every = tr.eval_every if tr.eval_every > 0 else data.steps_per_epoch
-    tx, sched = optim.make(params, labels, lr=config.optim.lr, total_steps=total, warmup_steps=warmup,
-                           schedule_kind=config.optim.schedule, weight_decay=config.optim.weight_decay,
-                           clip_norm=config.optim.clip_norm or None)
-    state = trainer.create_state(params, labels, tx, jax.random.PRNGKey(config.seed + 1),
-                                 frozen_dtype=frozen_dtype(config))
     rep = report.parameter_report(params, labels)
     meta = export_meta(config, spec, backbone, data, base_sha256)
 
@@ -153,7 +140,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     log.message(f"workdir {workdir}: {'resuming from step ' + str(start) if start else 'starting'}; "
                 f"{total} steps, {data.steps_per_epoch} per epoch, {jax.device_count()} devices")
 
-    step_fn, eval_fn, put_state, put_batch, get_metrics = _compile(config, model, tx, state)
+    step_fn, eval_fn, put_state, put_batch, get_metrics = make_steps(config, model, tx, state)
     state = put_state(state)
     best_key = f"eval_{config.metric}"
     best = _best_so_far(workdir, best_key)
@@ -209,7 +196,34 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return {**final, "best": best, "trainable": rep["trainable"], "trainable_pct": rep["trainable_pct"]}
 
 
-def _source_kwargs(config) -> dict:
+def total_steps(config, data) -> int:
+    """train.num_steps if set, else train.num_epochs epochs of the data."""
+    tr = config.train
+    return tr.num_steps if tr.num_steps > 0 else tr.num_epochs * data.steps_per_epoch
+
+
+def setup_state(config, backbone, data, base_sha256=None):
+    """(backbone, spec, model, params, labels, tx, schedule, state): the config's model on the
+    loaded backbone, its freezing labels, optimiser and fresh train state (host arrays)."""
+    backbone, spec, model, preloaded = build(config, backbone, base_sha256)
+    sample = {k: v for k, v in next(iter(data.eval_batches)).items() if k != "example_index"}
+    params = init_with_base(model, backbone.params, jax.random.PRNGKey(config.seed), sample)
+    if preloaded is not None:  # AdapterFusion: the trained adapters, frozen by the rules
+        params = _place(params, preloaded, "fusion.adapters")
+    labels = rules.labels_for(params, _freeze_rules(config, spec))
+    if config.init_from:
+        params = _load_init(params, config.init_from)
+    total = total_steps(config, data)
+    warmup = int(config.optim.warmup_ratio * total)
+    tx, sched = optim.make(params, labels, lr=config.optim.lr, total_steps=total, warmup_steps=warmup,
+                           schedule_kind=config.optim.schedule, weight_decay=config.optim.weight_decay,
+                           clip_norm=config.optim.clip_norm or None)
+    state = trainer.create_state(params, labels, tx, jax.random.PRNGKey(config.seed + 1),
+                                 frozen_dtype=frozen_dtype(config))
+    return backbone, spec, model, params, labels, tx, sched, state
+
+
+def source_kwargs(config) -> dict:
     kw = {}
     if config.data.data_dir:
         kw["data_dir"] = config.data.data_dir
@@ -228,7 +242,7 @@ def _source_kwargs(config) -> dict:
     return kw
 
 
-def _compile(config, model, tx, state):
+def make_steps(config, model, tx, state):
     """(step, eval, put_state, put_batch, get_metrics) for config.parallelism 'jit' or 'pmap'."""
     tr = config.train
     kw = dict(task=config.task, accum_steps=tr.accum_steps, skip_nonfinite=tr.skip_nonfinite)

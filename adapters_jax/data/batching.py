@@ -12,7 +12,9 @@ import numpy as np
 
 from adapters_jax.tokenization import Tokenizer, pad_rows
 
-DEFAULT_BUCKETS = (16, 24, 32, 40, 48, 64, 128)  # RT pads to 32.8 tokens on average (43.0 with 32/64/128)
+# Picked by experiments.choose_buckets for Rotten Tomatoes on MiniLM (each bucket used costs one
+# compile, ~5 s on a 2-core CPU): 4 compiles in an epoch instead of 7, 12 s less per cold epoch.
+DEFAULT_BUCKETS = (16, 32, 48, 80, 128)
 
 
 def bucket_lengths(buckets: Sequence[int], max_length: int) -> tuple:
