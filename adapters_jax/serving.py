@@ -20,6 +20,7 @@ from flax import traverse_util
 from adapters_jax import checkpoint
 from adapters_jax.adapters import AdapterSetup
 from adapters_jax.backbones import sites
+from adapters_jax.compile_options import forward_jit
 from adapters_jax.heads import ClassificationHead
 from adapters_jax.hub import load_backbone
 from adapters_jax.model import AdaptedModel
@@ -110,7 +111,7 @@ class AdapterServer:
             def run(params, batch):
                 self.compiles += 1  # counts traces: once per architecture and padded input shape
                 return model.apply({"params": params}, batch)
-            self._programs[key] = jax.jit(run)
+            self._programs[key] = forward_jit(run)
         return self._programs[key]
 
     def _encode(self, texts: Sequence[str]) -> dict:
@@ -143,7 +144,7 @@ class AdapterServer:
                 self.compiles += 1
                 return backbone.apply({"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"],
                                       adapter_ids=adapter_ids)
-            self._programs[key] = jax.jit(run)
+            self._programs[key] = forward_jit(run)
         outputs = self._programs[key](params, batch, ids)
         logits = []
         for row, n in enumerate(adapters):

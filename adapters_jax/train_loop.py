@@ -18,6 +18,7 @@ from adapters_jax.adapters import AdapterSetup, FusionConfig, spec_from_config
 from adapters_jax.adapters.from_exports import setup_from_exports
 from adapters_jax.adapters.fusion import regularization as fusion_regularization
 from adapters_jax.adapters.prefix import head_options
+from adapters_jax.compile_options import forward_jit
 from adapters_jax.data import make_datasets
 from adapters_jax.heads import BackboneLogits, ClassificationHead
 from adapters_jax.hub import adapter_sites, load_backbone
@@ -262,7 +263,7 @@ def make_steps(config, model, tx, state):
     parallel.check_batch(tr.eval_batch_size, mesh, "train.eval_batch_size")
     sh = parallel.state_shardings(state, mesh, config.mesh.shard_frozen)
     step = parallel.jit_step(trainer.make_train_step(model, tx, **kw), sh, mesh)
-    ev = jax.jit(eval_step)
+    ev = forward_jit(eval_step)
     return (step, lambda s, b: ev(s.trainable, s.frozen, b), lambda s: parallel.put_state(s, sh),
             lambda b: parallel.put_batch(b, mesh), _mean)
 

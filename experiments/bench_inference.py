@@ -15,6 +15,7 @@ import numpy as np
 from adapters_jax.adapters import spec_from_config
 from adapters_jax.adapters.lora import merge_lora
 from adapters_jax.backbones.bert import BertConfig, BertModel
+from adapters_jax.compile_options import forward_jit
 
 # variant -> adapter options (None: the plain base); "*_merged" variants fold the adapter first
 VARIANTS = {
@@ -45,7 +46,7 @@ def build_variant(cfg: BertConfig, name: str, batch: int, seq: int, dtype):
     if name.endswith("_merged"):
         params, spec = merge_lora(params, spec)
         model = BertModel(cfg, filler=spec if spec.placements else None, dtype=dtype)
-    fn = jax.jit(lambda p: model.apply({"params": p}, ids, mask, deterministic=True)["last_hidden_state"])
+    fn = forward_jit(lambda p: model.apply({"params": p}, ids, mask, deterministic=True)["last_hidden_state"])
     fn(params).block_until_ready()  # compile
     return lambda: fn(params).block_until_ready()
 
