@@ -13,6 +13,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
@@ -217,7 +218,9 @@ def read_adapter(directory: str) -> tuple[dict, dict]:
 
 
 def check_fits(params: dict, loaded: dict, source: str) -> None:
-    """Every loaded leaf must exist in `params` with the same shape (one-line error otherwise)."""
+    """Every loaded leaf must exist in `params` with the same shape, and be floating point where
+    the model's is (one-line error otherwise): a header whose dtype was changed from F32 to U32 or
+    I32 keeps the byte size and parses, and its bits would load as integers."""
     flat = traverse_util.flatten_dict(dict(params))
     for path, v in traverse_util.flatten_dict(dict(loaded)).items():
         name = "/".join(path)
@@ -226,3 +229,7 @@ def check_fits(params: dict, loaded: dict, source: str) -> None:
         if tuple(flat[path].shape) != tuple(v.shape):
             raise ValueError(f"{source}: tensor {name} has shape {tuple(v.shape)}, this model needs "
                              f"{tuple(flat[path].shape)}")
+        want = flat[path].dtype
+        if jnp.issubdtype(want, jnp.floating) and not jnp.issubdtype(v.dtype, jnp.floating):
+            raise ValueError(f"{source}: tensor {name} has dtype {v.dtype}, this model needs a floating "
+                             f"point dtype ({want})")

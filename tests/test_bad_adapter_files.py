@@ -73,6 +73,9 @@ def _bad_exports(export, tmp_path):
     _edit_weights(d, lambda f: f.update({"backbone/encoder/layer_9/ffn_adapter/rotten_tomatoes/down/kernel":
                                          np.zeros((32, 8), np.float32)}))
     out["a tensor with no place in the model"] = (d, "has no place in this model")
+    d = _copy(export, tmp_path, "integer_tensor")  # what a header flipped from F32 to U32 loads as
+    _edit_weights(d, lambda f: f.update({k: f[k].view(np.uint32) for k in list(f) if k.endswith("down/kernel")}))
+    out["integer bits where the model has floats"] = (d, "has dtype uint32, this model needs a floating point dtype")
     return out
 
 
