@@ -111,8 +111,8 @@ def _attend_bf16(q, k, v, mask, dropout_rate, module, bias, scale):
 def _infer_bf16(q, k, v, mask, bias, scale):
     """Inference attention in bf16 as canonical batched dots (XLA:CPU's fast bf16 kernels), with
     the softmax normalised after the PV product: the division runs over [B, H, T, Dh] instead of
-    the [B, H, T, S] scores. `jax.nn.dot_product_attention` computes the scores in a layout that
-    XLA:CPU transposes (a float32 copy of every score) and multiplies in float32.
+    the [B, H, T, S] scores. In a profile, `jax.nn.dot_product_attention`'s bf16 forward wrote
+    a transposed float32 copy of every score and ran its dots in a fusion with converts.
     Measured at MiniLM 32 x 128 bf16: one layer 29.1 -> 15.2 ms; the whole forward (with
     `compile_options.forward_jit`) 388 -> 335 ms.
     q [B, T, H, Dh], k, v [B, S, H, Dh], mask bool [B, 1, T, S] -> [B, T, H, Dh]."""
