@@ -53,3 +53,20 @@ def test_backward_fusions_stay_within_a_layer(barrier, monkeypatch):
         assert span <= 2, span
     else:  # the pathology is real on this XLA (so the test above can fail)
         assert span >= 5, span
+
+
+@pytest.mark.parametrize("x_shape,g_shape,trailing", [((3, 5), (3, 5), 1), ((2, 4, 6, 8), (2, 4, 6, 3), 2),
+                                                      ((), (), 1)])
+def test_not_before_is_identity_and_depends_on_g(x_shape, g_shape, trailing):
+    """Value: x itself. Dependence: a NaN in g's kept slice reaches the result (the data
+    dependence XLA must respect), and only through the broadcast leading axes."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    g = jnp.asarray(rng.normal(size=g_shape), jnp.float32)
+    np.testing.assert_array_equal(gb.not_before(x, g, trailing), x)
+    g_nan = g.at[(0,) * g.ndim].set(jnp.nan)
+    out = np.asarray(gb.not_before(x, g_nan, trailing))
+    lead = x.ndim - min(trailing, g.ndim)
+    assert np.isnan(out[(0,) * lead]).all()  # the first batch (and head) row is poisoned
+    if lead:
+        assert not np.isnan(out[(1,) + (0,) * (lead - 1)]).any()  # no other

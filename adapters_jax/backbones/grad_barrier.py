@@ -1,4 +1,6 @@
-"""An identity whose gradient XLA computes once: stops the backward re-fusing across layers.
+"""Controls on where XLA:CPU places backward work: `grad_barrier`, an identity whose gradient XLA
+computes once (stops the backward re-fusing across layers), and `not_before`, which keeps a
+backward's work on residuals from running during the forward.
 
 In the backward of a transformer, the residual stream's gradient at layer k is an elementwise
 (plus row-reduction) function of the gradient at layer k + 1: through LayerNorm backwards in
@@ -30,3 +32,19 @@ def _bwd(_, g):
 
 
 grad_barrier.defvjp(_fwd, _bwd)
+
+
+def not_before(x: jnp.ndarray, g: jnp.ndarray, trailing: int = 1) -> jnp.ndarray:
+    """x, made to depend on the cotangent g: adds 0 * g sliced to one element along its last
+    `trailing` axes (g [..., P, Q] with x [..., M, N] and trailing=2: one element per batch and
+    head, so a batch-sharded step needs no communication for it). Any rank; a scalar adds 0 * g.
+
+    Why: XLA:CPU's scheduler computes a backward's work on residuals (casts, rebuilt arrays) as
+    soon as the residuals exist, which is during the forward, and keeps the results alive until
+    the backward reaches the layer; or CSE merges a backward's recomputation with the forward's
+    and keeps that result instead. `optimization_barrier` cannot prevent either (XLA:CPU removes
+    barriers before it schedules); a data dependence can, and XLA does not fold a float `* 0`.
+    A non-finite g makes the result NaN where the gradient is non-finite already.
+    """
+    zero = (g[(Ellipsis,) + (slice(0, 1),) * min(trailing, g.ndim)] * 0).astype(x.dtype)
+    return x + zero

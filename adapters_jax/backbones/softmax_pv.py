@@ -10,7 +10,7 @@ probabilities and the keep mask (18 MiB per layer) and rebuilds the rest in the 
     dP = keep * dP_drop / (1 - rate);  dlogits = P * (dP - sum_s(dP * P)).
 The price is the bf16 rounding of P inside the softmax backward (relative 2^-9 per score), the
 same rounding the forward already gives P before the PV matmul. Measured at MiniLM 32 x 128
-bf16 on the 2-core CPU, with `not_before` below (on P and V): Houlsby step memory
+bf16 on the 2-core CPU, with `grad_barrier.not_before` (on P and V): Houlsby step memory
 696 -> 503 MiB, full fine-tuning 994 -> 769 MiB, and both steps faster (less memory traffic).
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from adapters_jax.backbones.grad_barrier import not_before
 from adapters_jax.backbones.mixed_dense import bdot_f32, materialized_transpose
 
 
@@ -50,7 +51,7 @@ def _fwd(logits, keep, v, rate):
 
 def _bwd(rate, res, g):
     pb, keep, vb, v_like = res
-    pb, vb = not_before(pb, g), not_before(vb, g)
+    pb, vb = not_before(pb, g, 2), not_before(vb, g, 2)  # see grad_barrier.not_before
     gb = g.astype(jnp.bfloat16)  # [B, H, T, Dh]
     # dV^T = g^T P_drop: P_drop is the right-hand operand as it is ([.., T, S]), so no transposed
     # copy of it is written. dV^T is transposed back written out: XLA folds a plain transpose
@@ -66,18 +67,3 @@ def _bwd(rate, res, g):
 
 softmax_dropout_pv.defvjp(_fwd, _bwd)
 
-
-def not_before(x: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
-    """x [..., M, N], made to depend on the cotangent g [..., P, Q] with the same leading axes
-    (adds 0 * g[..., :1, :1]: one element per batch and head, so a batch-sharded step needs no
-    communication for it).
-
-    Why: XLA:CPU's scheduler computes a backward's work on residuals (casts, rebuilt arrays) as
-    soon as the residuals exist, which is during the forward, and keeps the results alive until
-    the backward reaches the layer: at MiniLM 32 x 128, 36 MiB per layer for the float32
-    and dropped copies of P. `optimization_barrier` cannot prevent it there (XLA:CPU removes barriers
-    before it schedules), a data dependence can; XLA does not fold a float `* 0`. A non-finite
-    g makes the result NaN where the gradient is non-finite already.
-    """
-    zero = (g[..., :1, :1] * 0).astype(x.dtype)  # [..., 1, 1]
-    return x + zero
