@@ -161,3 +161,38 @@ def test_bf16_input_is_projected_in_bf16_and_kept_in_bf16():
         return adapter.apply({"params": params}, z, x, None).sum()
     kept = [a for a, _ in saved_residuals(loss, params) if a.shape == z.shape]
     assert [a.dtype for a in kept] == [jnp.bfloat16], [a.dtype for a in kept]
+
+
+def test_bf16_adapter_gradients_match_float64_and_every_dot_is_bf16():
+    """In a bf16 backbone both projections multiply in bf16 with float32 accumulation, forward
+    and backward: the gradients of z and of all four parameters match float64 autodiff of the
+    adapter's formula to bf16 rounding, and on XLA:CPU every dot (forward; dz, dh, dW_down,
+    dW_up) is bf16 x bf16, the form its fast kernels take. A float32 up projection made dh and
+    dW_up float32 dots (the latter on a transposed copy of the cotangent)."""
+    from tests.test_mixed_dense import _dot_operand_types
+    cfg = bn.BottleneckConfig(bottleneck_dim=16, init="houlsby", activation="swish", dropout=0.0)
+    adapter = bn.BottleneckAdapter(cfg)
+    rng = np.random.default_rng(1)
+    z = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.bfloat16)  # [B, T, D]
+    x = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.float32)
+    cot = rng.normal(size=(2, 8, 64))  # the output's cotangent
+    params = adapter.init(jax.random.PRNGKey(0), z, x, None)["params"]
+    params = jax.tree.map(lambda p: p * 30.0, params)  # far from identity, so the bottleneck counts
+
+    def loss(params, z):
+        return jnp.sum(adapter.apply({"params": params}, z, x, None) * jnp.asarray(cot, jnp.float32))
+    got = jax.grad(loss, argnums=(0, 1))(params, z)
+    with jax.enable_x64(True):
+        def loss64(p, z):
+            h = jax.nn.silu(z @ p["down"]["kernel"] + p["down"]["bias"])  # [B, T, r]
+            return jnp.sum((h @ p["up"]["kernel"] + p["up"]["bias"] + z + x.astype(np.float64)) * cot)
+        p64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), params)
+        want = jax.grad(loss64, argnums=(0, 1))(p64, jnp.asarray(np.asarray(z, np.float64)))
+        want = jax.tree.map(np.asarray, want)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=2 ** -6 * np.abs(w).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+    if jax.default_backend() == "cpu":
+        types = _dot_operand_types(jax.grad(loss, argnums=(0, 1)), params, z)
+        # five: the loss is linear in the up projection's output, so XLA drops that forward dot
+        assert len(types) >= 5 and set(types) == {"bf16xbf16"}, types

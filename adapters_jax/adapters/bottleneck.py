@@ -114,11 +114,16 @@ def bottleneck(module: nn.Module, c: BottleneckConfig, z, deterministic: bool, d
     if proj is None:
         down_init, up_init = _inits(c)
         inits = {"down": down_init, "up": up_init}
-        # a bf16 input (the sublayer output of a bf16 backbone) is multiplied in bf16, float32
-        # accumulation, as the backbone's own matmuls: the backward then keeps that input in bf16,
-        # not a float32 copy (3 MiB less per site at MiniLM 32 x 128). The result is float32.
+        # in a bf16 backbone (a bf16 input z) both projections multiply in bf16 with float32
+        # accumulation, as the backbone's own matmuls: the backward keeps bf16 inputs, not float32
+        # copies (3 MiB less per site at MiniLM 32 x 128), and every dot, dW included, takes
+        # XLA:CPU's canonical bf16 kernel. A float32 up projection ran its dW as a float32 dot on
+        # a transposed copy of the cotangent. Measured at MiniLM 32 x 128 on the 2-core CPU: one
+        # adapter's forward + backward 4.5 -> 2.6 ms, the Houlsby step 1.6-5.2% faster (three
+        # in-process A/Bs). The up projection's output is rounded to bf16 (as PyTorch autocast's
+        # Linear), before the float32 residual add.
         proj = lambda feats, name: (mixed_dense.Dense(
-            feats, use_bias=c.use_bias, dtype=z.dtype if name == "down" and is_bf16(z.dtype) else dtype,
+            feats, use_bias=c.use_bias, dtype=z.dtype if is_bf16(z.dtype) else dtype,
             kernel_init=inits[name], name=name))
     if c.ln_before:
         z = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="ln_before")(z)
