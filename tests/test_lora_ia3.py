@@ -282,3 +282,43 @@ def test_ia3_matches_peft_bert(tmp_path, case):
     ref = _torch_out(pm, ids, mask)
     assert np.abs(ref - _base_out(pm, ids, mask)).max() > 1e-2
     assert np.abs(got - ref).max() <= 1e-4
+
+
+@pytest.mark.parametrize("site", ["lora", "ia3_out", "ia3_in"])
+def test_bf16_site_gradients_match_float64_and_every_dot_is_bf16(site):
+    """A LoRA or IA3 dense site of a bf16 backbone: the gradients of its input and of every
+    parameter (the frozen kernel's too, as full fine-tuning needs it) match float64 autodiff of
+    the site's formula to bf16 rounding, and on XLA:CPU every dot is bf16 x bf16 (the backbone's
+    mixed_dense path). As plain nn.Dense subclasses these sites ran float32 dots with converts."""
+    from tests.test_mixed_dense import _dot_operand_types
+    cls, kw = {"lora": (lora_lib.LoRADense, dict(adapter=lora_lib.LoRAConfig(r=4, alpha=8.0))),
+               "ia3_out": (ia3_lib.IA3Dense, dict(adapter=ia3_lib.IA3Config())),
+               "ia3_in": (ia3_lib.IA3Dense, dict(adapter=ia3_lib.IA3Config(scale_input=True)))}[site]
+    layer = cls(40, dtype=jnp.bfloat16, **kw)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 7, 48)), jnp.bfloat16)  # [B, T, in]
+    cot = rng.normal(size=(3, 7, 40))
+    p = layer.init(jax.random.PRNGKey(0), x)["params"]
+    p = jax.tree.map(lambda a: a + jnp.asarray(rng.normal(0, 0.2, a.shape), a.dtype), p)  # B != 0, l != 1
+
+    def loss(p, x):
+        return jnp.sum(layer.apply({"params": p}, x).astype(jnp.float32) * jnp.asarray(cot, jnp.float32))
+    got = jax.grad(loss, argnums=(0, 1))(p, x)
+    with jax.enable_x64(True):
+        def loss64(p, x):
+            a = p["adapter"]
+            if site == "lora":
+                y = x @ p["kernel"] + p["bias"] + (x @ a["lora_a"] @ a["lora_b"]) * 2.0  # alpha / r
+            elif site == "ia3_out":
+                y = (x @ p["kernel"] + p["bias"]) * a["scale"]
+            else:
+                y = (x * a["scale"]) @ p["kernel"] + p["bias"]
+            return jnp.sum(y * cot)
+        p64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), p)
+        want = jax.tree.map(np.asarray, jax.grad(loss64, argnums=(0, 1))(p64, jnp.asarray(np.asarray(x, np.float64))))
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=2 ** -6 * np.abs(w).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+    if jax.default_backend() == "cpu":
+        types = _dot_operand_types(jax.grad(loss, argnums=(0, 1)), p, x)
+        assert len(types) >= 2 and set(types) == {"bf16xbf16"}, types  # dx, dW (+ forward, adapter dots)

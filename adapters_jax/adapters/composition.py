@@ -32,6 +32,7 @@ from adapters_jax.adapters.fusion import AdapterFusion, FusionConfig
 from adapters_jax.adapters.ia3 import IA3Scale
 from adapters_jax.adapters.lora import LoRAFactors
 from adapters_jax.adapters.spec import AdapterSpec, site_factory
+from adapters_jax.backbones import mixed_dense
 from adapters_jax.backbones.sites import add_and_norm
 
 COMPOSITIONS = ("select", "stack", "fuse")
@@ -110,8 +111,9 @@ def compose(site_module, modules: list, composition: str, context: Optional[dict
     raise ValueError(f"composition={composition!r} is not one of {COMPOSITIONS}")
 
 
-class SelectDense(nn.Dense):
-    """'select' at a dense site: nn.Dense plus each row's own adapter's LoRA update or IA3 vector.
+class SelectDense(mixed_dense.Dense):
+    """'select' at a dense site: the backbone's dense layer (`mixed_dense.Dense`) plus each row's own
+    adapter's LoRA update or IA3 vector.
 
     The base keeps nn.Dense's `kernel`/`bias` and each member's leaves sit under its name as
     in the single-adapter modules (`<site>/<name>/lora_a`, `lora_b`, `<site>/<name>/scale`),

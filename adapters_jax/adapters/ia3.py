@@ -22,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from adapters_jax.adapters.lora import without_method, site_groups
+from adapters_jax.backbones import mixed_dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +45,10 @@ class IA3Scale(nn.Module):
         return self.param("scale", nn.initializers.ones, (self.size,), self.param_dtype)
 
 
-class IA3Dense(nn.Dense):
-    """nn.Dense with an IA3 vector on its input or output; built as partial(IA3Dense, adapter=, adapter_name=)."""
+class IA3Dense(mixed_dense.Dense):
+    """The backbone's dense layer (`mixed_dense.Dense`: nn.Dense's parameters and results, with
+    XLA:CPU's fast bf16 kernels in a bf16 backbone) with an IA3 vector on its input or output;
+    built as partial(IA3Dense, adapter=, adapter_name=)."""
     adapter: IA3Config = IA3Config()
     adapter_name: str = "adapter"
 

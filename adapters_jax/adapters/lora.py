@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from adapters_jax.backbones import sites
+from adapters_jax.backbones import mixed_dense, sites
+from adapters_jax.backbones.mixed_dense import mixed_matmul, use_cpu_bf16_kernels
 from adapters_jax.dropout import Dropout
 
 INITS = ("kaiming", "gaussian")
@@ -80,12 +81,22 @@ class LoRAFactors(nn.Module):
         dtype = self.dtype or x.dtype
         train = c.dropout > 0.0 and self.has_rng("dropout") and not self.is_initializing()
         x = Dropout(c.dropout)(x, deterministic=not train)
+        if use_cpu_bf16_kernels(dtype):  # canonical bf16 dots, float32 accumulation (mixed_dense)
+            h = mixed_matmul(x, a).astype(dtype)  # [..., r]
+            return (mixed_matmul(h, b) * c.scaling).astype(dtype)  # [..., out]
         h = jnp.dot(x.astype(dtype), a.astype(dtype))  # [..., r]
         return jnp.dot(h, b.astype(dtype)) * jnp.asarray(c.scaling, dtype)  # [..., out]
 
 
-class LoRADense(nn.Dense):
-    """nn.Dense plus a LoRA update; built by the spec as partial(LoRADense, adapter=, adapter_name=)."""
+class LoRADense(mixed_dense.Dense):
+    """The backbone's dense layer (`mixed_dense.Dense`: nn.Dense's parameters and results, with
+    XLA:CPU's fast bf16 kernels in a bf16 backbone) plus a LoRA update; built by the spec as
+    partial(LoRADense, adapter=, adapter_name=).
+
+    Why mixed_dense: as a plain nn.Dense, a LoRA site in a bf16 backbone fell back to float32
+    dots with converts (a bf16 result, and transposed operands in the backward), as did the
+    factors' own dots. Measured at MiniLM 32 x 128 bf16 on the 2-core CPU (r=8 on query and
+    value, in-process A/B): the train step 0.681 -> 0.602 s, XLA step memory 419 -> 398 MiB."""
     adapter: LoRAConfig = LoRAConfig()
     adapter_name: str = "adapter"
 

@@ -20,7 +20,7 @@ Site kinds and the call each filled site must support:
   PARALLEL_SITES name them in specs.
 * Dense sites replace one nn.Dense. The factory is called with nn.Dense's keyword
   arguments (features, use_bias, dtype, param_dtype, kernel_init, name) and must keep the
-  base parameters at `<name>/kernel` and `<name>/bias` (LoRA, IA3 subclass nn.Dense).
+  base parameters at `<name>/kernel` and `<name>/bias` (LoRA, IA3 subclass mixed_dense.Dense, an nn.Dense).
   Backbones pass their per-call context as `dense(..., ctx=ctx)`; a module whose class sets
   `takes_context = True` (several adapters under 'select', which need the row ids) is then
   called as `module(x, context=ctx)`, every other one as plain `module(x)`.
