@@ -236,3 +236,37 @@ def test_dims_not_divisible_by_phm_dim_fail_with_one_line(options):
 def test_bottleneck_init_options_are_rejected():
     with pytest.raises(ValueError, match="do not apply to compacter"):
         spec_from_config("compacter++", init="zero_up")
+
+
+def test_bf16_phm_gradients_match_float64_and_token_dots_are_bf16():
+    """In a bf16 backbone the PHM products multiply in bf16 with float32 accumulation, as the
+    bottleneck's own projections: the gradients of z and of every parameter match the same
+    adapter evaluated in float64 (x64 mode) to bf16 rounding, and on XLA:CPU the dots over the
+    tokens (forward, dz, dh and the two weight gradients) are bf16 x bf16 (the float32 version
+    had none; the small dots that build each PHM weight stay float32)."""
+    from tests.test_mixed_dense import _dot_operand_types
+    cfg = cp.CompacterConfig(bottleneck_dim=16, shared_phm_rule=False, phm_init_range=0.5)
+    adapter = cp.CompacterAdapter(cfg)
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.bfloat16)  # [B, T, D]
+    x = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.float32)
+    cot = rng.normal(size=(2, 8, 64))
+    params = adapter.init(jax.random.PRNGKey(0), z, x, None)["params"]
+    params = jax.tree.map(lambda p: p * 3.0, params)  # far from identity, so the bottleneck counts
+
+    def loss(params, z, x, cot, adapter=adapter):
+        return jnp.sum(adapter.apply({"params": params}, z, x, None).astype(cot.dtype) * cot)
+    got = jax.grad(loss, argnums=(0, 1))(params, z, x, jnp.asarray(cot, jnp.float32))
+    with jax.enable_x64(True):
+        f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))
+        adapter64 = cp.CompacterAdapter(cfg, dtype=jnp.float64)  # the PHM products in float64 too
+        want = jax.grad(lambda p, z: loss(p, z, f64(x), f64(cot), adapter64), argnums=(0, 1))(
+            jax.tree.map(f64, params), f64(z))
+        want = jax.tree.map(np.asarray, want)
+        assert want[1].dtype == np.float64
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=2 ** -6 * np.abs(w).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+    if jax.default_backend() == "cpu":
+        types = _dot_operand_types(jax.grad(loss, argnums=(0, 1)), params, z, x, jnp.asarray(cot, jnp.float32))
+        assert types.count("bf16xbf16") >= 5, types

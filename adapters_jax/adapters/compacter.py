@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from adapters_jax.adapters.bottleneck import BottleneckAdapter, BottleneckConfig, bottleneck
+from adapters_jax.backbones.mixed_dense import is_bf16, mixed_matmul, use_cpu_bf16_kernels
 
 W_INITS = ("glorot-uniform", "glorot-normal", "normal")
 C_INITS = ("normal", "uniform")
@@ -119,6 +120,11 @@ class PHMDense(nn.Module):
             w = self.param("W", w_init, (n, a, b))
         # kron(A_i, W_i)[p*a + q, s*b + t] = A_i[p, s] W_i[q, t], summed over i
         h = jnp.einsum("ips,iqt->pqst", rule, w).reshape(d_in, self.features)
+        if use_cpu_bf16_kernels(self.dtype):  # bf16 backbone on CPU: canonical bf16 dots (mixed_dense)
+            y = mixed_matmul(x, h)  # [..., out] float32
+            if c.use_bias:
+                y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(jnp.float32)
+            return y
         y = jnp.dot(x.astype(self.dtype), h.astype(self.dtype))
         if c.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
@@ -137,7 +143,10 @@ class CompacterAdapter(BottleneckAdapter):
             raise ValueError("compacter with shared_phm_rule=True needs the model-level rule: the backbone "
                              "must build the shared_adapters site and pass shared= to its activation sites")
         rule = shared if c.shared_phm_rule else None
-        proj = lambda feats, name: (lambda v: PHMDense(feats, c, self.dtype, name=name)(v, rule))
+        # in a bf16 backbone (a bf16 z) the PHM products multiply in bf16 with float32 accumulation,
+        # as the bottleneck's own projections do (bottleneck.py)
+        dtype = z.dtype if is_bf16(z.dtype) else self.dtype
+        proj = lambda feats, name: (lambda v: PHMDense(feats, c, dtype, name=name)(v, rule))
         return bottleneck(self, c, z, deterministic, self.dtype, proj=proj)
 
 
