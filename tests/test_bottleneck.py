@@ -196,3 +196,39 @@ def test_bf16_adapter_gradients_match_float64_and_every_dot_is_bf16():
         types = _dot_operand_types(jax.grad(loss, argnums=(0, 1)), params, z)
         # five: the loss is linear in the up projection's output, so XLA drops that forward dot
         assert len(types) >= 5 and set(types) == {"bf16xbf16"}, types
+
+
+@pytest.mark.parametrize("preset", ["pfeiffer", "parallel"])
+def test_bf16_backbone_adapters_on_float32_inputs_use_bf16_dots(preset):
+    """Pfeiffer's adapter reads the block's LayerNorm output and the parallel adapter the
+    residual stream, both float32 in a bf16 backbone: the backbone's compute dtype is taken from
+    its sublayer output (bf16), so their projections are bf16 dots too (they were float32 dots).
+    Gradients of both inputs and every parameter match the same adapter evaluated in float64."""
+    from adapters_jax.adapters import presets
+    from tests.test_mixed_dense import _dot_operand_types
+    cfg = getattr(presets, preset)()[0].config
+    rng = np.random.default_rng(2)
+    h_out = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.bfloat16)  # [B, T, D] the sublayer output
+    x = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.float32)  # the sublayer input (residual stream)
+    cot = rng.normal(size=(2, 8, 64))
+    ln = lambda v: (v - v.mean(-1, keepdims=True)) / jnp.sqrt(v.var(-1, keepdims=True) + 1e-5)  # the block's LN
+    adapter = bn.BottleneckAdapter(cfg)
+    params = adapter.init(jax.random.PRNGKey(0), h_out, x, ln)["params"]
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(0, 0.3, p.shape), p.dtype), params)
+
+    def loss(params, h_out, x, cot, adapter=adapter):
+        return jnp.sum(adapter.apply({"params": params}, h_out, x, ln).astype(cot.dtype) * cot)
+    got = jax.grad(loss, argnums=(0, 1, 2))(params, h_out, x, jnp.asarray(cot, jnp.float32))
+    with jax.enable_x64(True):
+        f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))
+        adapter64 = bn.BottleneckAdapter(cfg, dtype=jnp.float64)
+        want = jax.grad(lambda p, h, v: loss(p, h, v, f64(cot), adapter64), argnums=(0, 1, 2))(
+            jax.tree.map(f64, params), f64(h_out), f64(x))
+        want = jax.tree.map(np.asarray, want)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=2 ** -6 * np.abs(w).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+    if jax.default_backend() == "cpu":
+        types = _dot_operand_types(jax.grad(loss, argnums=(0, 1, 2)), params, h_out, x,
+                                   jnp.asarray(cot, jnp.float32))
+        assert len(types) >= 5 and set(types) == {"bf16xbf16"}, types

@@ -103,18 +103,19 @@ def _inits(cfg: BottleneckConfig):
 
 
 def bottleneck(module: nn.Module, c: BottleneckConfig, z, deterministic: bool, dtype=jnp.float32,
-               proj=None):
+               proj=None, compute_dtype=None):
     """The bare bottleneck A(z) [B, T, D] -> [B, T, D], scaled, without any residual.
 
     Called from inside `module`'s compact method, so that its parameters (down, up, ...)
     sit directly under `module`: `.../ffn_adapter/<name>/down/kernel`. `proj(features, name)`
-    builds a projection (default nn.Dense; Compacter passes its PHM layer).
+    builds a projection (default nn.Dense; Compacter passes its PHM layer). compute_dtype: the
+    backbone's (its sublayer output's dtype; None: z's); bf16 makes the projections bf16 dots.
     """
     d = z.shape[-1]
     if proj is None:
         down_init, up_init = _inits(c)
         inits = {"down": down_init, "up": up_init}
-        # in a bf16 backbone (a bf16 input z) both projections multiply in bf16 with float32
+        # in a bf16 backbone (bf16 sublayer outputs) both projections multiply in bf16 with float32
         # accumulation, as the backbone's own matmuls: the backward keeps bf16 inputs, not float32
         # copies (3 MiB less per site at MiniLM 32 x 128), and every dot, dW included, takes
         # XLA:CPU's canonical bf16 kernel. A float32 up projection ran its dW as a float32 dot on
@@ -122,8 +123,9 @@ def bottleneck(module: nn.Module, c: BottleneckConfig, z, deterministic: bool, d
         # adapter's forward + backward 4.5 -> 2.6 ms, the Houlsby step 1.6-5.2% faster (three
         # in-process A/Bs). The up projection's output is rounded to bf16 (as PyTorch autocast's
         # Linear), before the float32 residual add.
+        mm_dtype = jnp.bfloat16 if is_bf16(compute_dtype or z.dtype) else dtype
         proj = lambda feats, name: (mixed_dense.Dense(
-            feats, use_bias=c.use_bias, dtype=z.dtype if is_bf16(z.dtype) else dtype,
+            feats, use_bias=c.use_bias, dtype=mm_dtype,
             kernel_init=inits[name], name=name))
     if c.ln_before:
         z = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="ln_before")(z)
@@ -182,20 +184,23 @@ class BottleneckAdapter(nn.Module):
     config: BottleneckConfig
     dtype: Any = jnp.float32
 
-    def core(self, z, deterministic: bool, shared):
+    def core(self, z, deterministic: bool, shared, compute_dtype=None):
         del shared  # cross-layer parameters are Compacter's; plain bottlenecks have none
-        return bottleneck(self, self.config, z, deterministic, self.dtype)
+        return bottleneck(self, self.config, z, deterministic, self.dtype, compute_dtype=compute_dtype)
 
     @nn.compact
-    def forward(self, z, residual, deterministic: bool = True, shared=None):
-        """(output, up): the adapter output and its scaled bottleneck output A(z) (fusion's input)."""
-        up = self.core(z, deterministic, shared)
+    def forward(self, z, residual, deterministic: bool = True, shared=None, compute_dtype=None):
+        """(output, up): the adapter output and its scaled bottleneck output A(z) (fusion's input).
+        compute_dtype: the backbone's (see `bottleneck`)."""
+        up = self.core(z, deterministic, shared, compute_dtype)
         ln_after = lambda y: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="ln_after")(y)
         return adapter_output(self.config, up, residual, ln_after), up
 
     def __call__(self, h_out, x, layer_norm, deterministic: bool = True, shared=None):
         z, residual = pre_forward(self.config, h_out, x, layer_norm)
-        y, _ = self.forward(z, residual, deterministic, shared)
+        # the backbone's compute dtype is its sublayer output's: Pfeiffer's and the parallel
+        # adapter's z (a LayerNorm output, the residual stream) are float32 in a bf16 backbone
+        y, _ = self.forward(z, residual, deterministic, shared, compute_dtype=h_out.dtype)
         return post_forward(self.config, y, h_out, x, layer_norm)
 
 

@@ -137,15 +137,15 @@ class CompacterAdapter(BottleneckAdapter):
     config: CompacterConfig
     dtype: Any = jnp.float32
 
-    def core(self, z, deterministic: bool, shared):
+    def core(self, z, deterministic: bool, shared, compute_dtype=None):
         c = self.config
         if c.shared_phm_rule and shared is None:
             raise ValueError("compacter with shared_phm_rule=True needs the model-level rule: the backbone "
                              "must build the shared_adapters site and pass shared= to its activation sites")
         rule = shared if c.shared_phm_rule else None
-        # in a bf16 backbone (a bf16 z) the PHM products multiply in bf16 with float32 accumulation,
-        # as the bottleneck's own projections do (bottleneck.py)
-        dtype = z.dtype if is_bf16(z.dtype) else self.dtype
+        # in a bf16 backbone the PHM products multiply in bf16 with float32 accumulation, as the
+        # bottleneck's own projections do (bottleneck.py)
+        dtype = jnp.bfloat16 if is_bf16(compute_dtype or z.dtype) else self.dtype
         proj = lambda feats, name: (lambda v: PHMDense(feats, c, dtype, name=name)(v, rule))
         return bottleneck(self, c, z, deterministic, self.dtype, proj=proj)
 

@@ -98,13 +98,14 @@ def compose(site_module, modules: list, composition: str, context: Optional[dict
         hidden = h_out
         for module, sh in modules:
             z, residual = pre_forward(module.config, hidden, x, layer_norm)
-            hidden, _ = module.forward(z, residual, deterministic, **shared_kw(sh))
+            hidden, _ = module.forward(z, residual, deterministic, compute_dtype=h_out.dtype, **shared_kw(sh))
         return post_forward(last, hidden, h_out, x, layer_norm)
     if composition == "fuse":
         fusion = site_module.fusion
         z, residual = pre_forward(last, h_out, x, layer_norm)
         query = h_out if fusion.query_before_ln else z
-        ups = [module.forward(z, residual, deterministic, **shared_kw(sh))[1] for module, sh in modules]
+        ups = [module.forward(z, residual, deterministic, compute_dtype=h_out.dtype, **shared_kw(sh))[1]
+               for module, sh in modules]
         fused = AdapterFusion(fusion, name=site_module.fusion_name)(
             query, jnp.stack(ups, axis=2), residual, deterministic)  # [B, T, D]
         return post_forward(last, fused, h_out, x, layer_norm)
