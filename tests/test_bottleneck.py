@@ -13,6 +13,7 @@ from adapters_jax.backbones.bert import BertConfig, BertModel
 from adapters_jax.interop.adapterhub import bottleneck_from_torch
 from adapters_jax.model import param_count, place_base
 from tests.conftest import SENTENCES
+from tests.bf16_checks import assert_tree_close_to_float64, dot_operand_types
 
 
 def adapter_params(params, name="adapter"):
@@ -169,7 +170,6 @@ def test_bf16_adapter_gradients_match_float64_and_every_dot_is_bf16():
     adapter's formula to bf16 rounding, and on XLA:CPU every dot (forward; dz, dh, dW_down,
     dW_up) is bf16 x bf16, the form its fast kernels take. A float32 up projection made dh and
     dW_up float32 dots (the latter on a transposed copy of the cotangent)."""
-    from tests.test_mixed_dense import _dot_operand_types
     cfg = bn.BottleneckConfig(bottleneck_dim=16, init="houlsby", activation="swish", dropout=0.0)
     adapter = bn.BottleneckAdapter(cfg)
     rng = np.random.default_rng(1)
@@ -189,11 +189,9 @@ def test_bf16_adapter_gradients_match_float64_and_every_dot_is_bf16():
         p64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), params)
         want = jax.grad(loss64, argnums=(0, 1))(p64, jnp.asarray(np.asarray(z, np.float64)))
         want = jax.tree.map(np.asarray, want)
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=2 ** -6 * np.abs(w).max(),
-                                   err_msg=jax.tree_util.keystr(path))
+    assert_tree_close_to_float64(got, want)
     if jax.default_backend() == "cpu":
-        types = _dot_operand_types(jax.grad(loss, argnums=(0, 1)), params, z)
+        types = dot_operand_types(jax.grad(loss, argnums=(0, 1)), params, z)
         # five: the loss is linear in the up projection's output, so XLA drops that forward dot
         assert len(types) >= 5 and set(types) == {"bf16xbf16"}, types
 
@@ -205,7 +203,6 @@ def test_bf16_backbone_adapters_on_float32_inputs_use_bf16_dots(preset):
     its sublayer output (bf16), so their projections are bf16 dots too (they were float32 dots).
     Gradients of both inputs and every parameter match the same adapter evaluated in float64."""
     from adapters_jax.adapters import presets
-    from tests.test_mixed_dense import _dot_operand_types
     cfg = getattr(presets, preset)()[0].config
     rng = np.random.default_rng(2)
     h_out = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.bfloat16)  # [B, T, D] the sublayer output
@@ -225,10 +222,8 @@ def test_bf16_backbone_adapters_on_float32_inputs_use_bf16_dots(preset):
         want = jax.grad(lambda p, h, v: loss(p, h, v, f64(cot), adapter64), argnums=(0, 1, 2))(
             jax.tree.map(f64, params), f64(h_out), f64(x))
         want = jax.tree.map(np.asarray, want)
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=2 ** -6 * np.abs(w).max(),
-                                   err_msg=jax.tree_util.keystr(path))
+    assert_tree_close_to_float64(got, want)
     if jax.default_backend() == "cpu":
-        types = _dot_operand_types(jax.grad(loss, argnums=(0, 1, 2)), params, h_out, x,
+        types = dot_operand_types(jax.grad(loss, argnums=(0, 1, 2)), params, h_out, x,
                                    jnp.asarray(cot, jnp.float32))
         assert len(types) >= 5 and set(types) == {"bf16xbf16"}, types

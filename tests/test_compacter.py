@@ -14,6 +14,7 @@ from adapters_jax.adapters.bottleneck import BottleneckAdapter, BottleneckConfig
 from adapters_jax.adapters.presets import spec_from_config
 from adapters_jax.backbones import bert_weights
 from adapters_jax.backbones.bert import BertConfig, BertModel
+from tests.bf16_checks import assert_tree_close_to_float64, dot_operand_types
 
 SITES = ("attn_adapter", "ffn_adapter", "shared_adapters")
 
@@ -244,7 +245,6 @@ def test_bf16_phm_gradients_match_float64_and_token_dots_are_bf16():
     adapter evaluated in float64 (x64 mode) to bf16 rounding, and on XLA:CPU the dots over the
     tokens (forward, dz, dh and the two weight gradients) are bf16 x bf16 (the float32 version
     had none; the small dots that build each PHM weight stay float32)."""
-    from tests.test_mixed_dense import _dot_operand_types
     cfg = cp.CompacterConfig(bottleneck_dim=16, shared_phm_rule=False, phm_init_range=0.5)
     adapter = cp.CompacterAdapter(cfg)
     rng = np.random.default_rng(0)
@@ -264,9 +264,7 @@ def test_bf16_phm_gradients_match_float64_and_token_dots_are_bf16():
             jax.tree.map(f64, params), f64(z))
         want = jax.tree.map(np.asarray, want)
         assert want[1].dtype == np.float64
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=2 ** -6 * np.abs(w).max(),
-                                   err_msg=jax.tree_util.keystr(path))
+    assert_tree_close_to_float64(got, want)
     if jax.default_backend() == "cpu":
-        types = _dot_operand_types(jax.grad(loss, argnums=(0, 1)), params, z, x, jnp.asarray(cot, jnp.float32))
+        types = dot_operand_types(jax.grad(loss, argnums=(0, 1)), params, z, x, jnp.asarray(cot, jnp.float32))
         assert types.count("bf16xbf16") >= 5, types

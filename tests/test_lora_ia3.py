@@ -14,6 +14,7 @@ from adapters_jax.backbones import bert_weights, llama_weights
 from adapters_jax.backbones.bert import BertConfig, BertModel
 from adapters_jax.backbones.llama import LlamaConfig, LlamaModel
 from tests.oracle_models import tiny_llama
+from tests.bf16_checks import assert_tree_close_to_float64, dot_operand_types
 
 BERT = BertConfig(vocab_size=99, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37,
                   max_position_embeddings=40)
@@ -290,7 +291,6 @@ def test_bf16_site_gradients_match_float64_and_every_dot_is_bf16(site):
     parameter (the frozen kernel's too, as full fine-tuning needs it) match float64 autodiff of
     the site's formula to bf16 rounding, and on XLA:CPU every dot is bf16 x bf16 (the backbone's
     mixed_dense path). As plain nn.Dense subclasses these sites ran float32 dots with converts."""
-    from tests.test_mixed_dense import _dot_operand_types
     cls, kw = {"lora": (lora_lib.LoRADense, dict(adapter=lora_lib.LoRAConfig(r=4, alpha=8.0))),
                "ia3_out": (ia3_lib.IA3Dense, dict(adapter=ia3_lib.IA3Config())),
                "ia3_in": (ia3_lib.IA3Dense, dict(adapter=ia3_lib.IA3Config(scale_input=True)))}[site]
@@ -316,9 +316,7 @@ def test_bf16_site_gradients_match_float64_and_every_dot_is_bf16(site):
             return jnp.sum(y * cot)
         p64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), p)
         want = jax.tree.map(np.asarray, jax.grad(loss64, argnums=(0, 1))(p64, jnp.asarray(np.asarray(x, np.float64))))
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=2 ** -6 * np.abs(w).max(),
-                                   err_msg=jax.tree_util.keystr(path))
+    assert_tree_close_to_float64(got, want)
     if jax.default_backend() == "cpu":
-        types = _dot_operand_types(jax.grad(loss, argnums=(0, 1)), p, x)
+        types = dot_operand_types(jax.grad(loss, argnums=(0, 1)), p, x)
         assert len(types) >= 2 and set(types) == {"bf16xbf16"}, types  # dx, dW (+ forward, adapter dots)

@@ -1,7 +1,5 @@
 """mixed_dense: float32 is nn.Dense exactly; bf16 matches a float64 reference of the rounded
 operands, forward and backward; and every dot of its gradient stays a bf16 dot on XLA:CPU."""
-import re
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +8,7 @@ import numpy as np
 import pytest
 
 from adapters_jax.backbones import mixed_dense
+from tests.bf16_checks import dot_operand_types
 
 
 def _bf16_round(a) -> np.ndarray:
@@ -85,22 +84,6 @@ def test_residuals_are_only_what_the_backward_uses(wrt):
         np.testing.assert_array_equal(got, both[i])
 
 
-def _dot_operand_types(fn, *args) -> list[str]:
-    """Element types of every dot's operands in the compiled HLO (inside any fusion)."""
-    hlo = jax.jit(fn).lower(*args).compile().as_text()
-    shapes = {}
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\w+)\[", line)
-        if m:
-            shapes[m.group(1)] = m.group(2)
-    types = []
-    for line in hlo.splitlines():
-        m = re.search(r"= \w+\[[^\]]*\]\S* dot\(%(\S+), %(\S+)\)", line)
-        if m:
-            types.append(f"{shapes[m.group(1)]}x{shapes[m.group(2)]}")
-    return types
-
-
 @pytest.mark.parametrize("layer_cls", [mixed_dense.Dense, nn.Dense])
 def test_bf16_gradient_dots_stay_bf16(layer_cls):
     """XLA:CPU runs bf16 dots fast only in row-major [M, K] @ [K, N] form and upcasts any other
@@ -111,7 +94,7 @@ def test_bf16_gradient_dots_stay_bf16(layer_cls):
     p = layer.init(jax.random.PRNGKey(0), x)
     grad = lambda p, x: jax.grad(lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2),
                                  argnums=(0, 1))(p, x)
-    types = _dot_operand_types(grad, p, x)
+    types = dot_operand_types(grad, p, x)
     assert len(types) == 3, types  # forward, dx, dW
     if layer_cls is mixed_dense.Dense:
         assert types == ["bf16xbf16"] * 3, types
@@ -130,7 +113,7 @@ def test_mixed_bmm_matches_float64_and_keeps_bf16_dots():
     np.testing.assert_allclose(ga, rr @ np.swapaxes(br, -1, -2), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gb, np.swapaxes(ar, -1, -2) @ rr, rtol=1e-5, atol=1e-5)
     grad = lambda a, b: jax.grad(lambda a, b: jnp.sum(mixed_dense.mixed_bmm(a, b) ** 2), argnums=(0, 1))(a, b)
-    assert _dot_operand_types(grad, a, b) == ["bf16xbf16"] * 3
+    assert dot_operand_types(grad, a, b) == ["bf16xbf16"] * 3
 
 
 class _Attend(nn.Module):
@@ -185,7 +168,7 @@ def test_bf16_training_attention_gradient_dots_stay_bf16():
         ctx = mod.apply({}, q, k, v, mask, rngs=rngs).reshape(b, t, h * dh)
         return jnp.sum(mixed_dense.mixed_matmul(ctx, w) ** 2)
     grad = lambda q, k, v: jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-    types = _dot_operand_types(grad, q, k, v)
+    types = dot_operand_types(grad, q, k, v)
     assert len(types) == 8 and set(types) == {"bf16xbf16"}, types  # 6 attention dots + projection, dx
 
 
@@ -223,4 +206,4 @@ def test_bf16_inference_attention_matches_float64(with_bias):
     # bf16 roundings: the unnormalised probabilities before PV, and the output
     np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
     if jax.default_backend() == "cpu":
-        assert _dot_operand_types(f, bf(q), bf(k), bf(v)) == ["bf16xbf16"] * 2
+        assert dot_operand_types(f, bf(q), bf(k), bf(v)) == ["bf16xbf16"] * 2
