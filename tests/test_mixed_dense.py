@@ -181,11 +181,12 @@ class _AttendInfer(nn.Module):
         return attend(q, k, v, mask, 0.1, True, self, bias=bias, scale=self.scale)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_bf16_inference_attention_matches_float64(with_bias):
-    """The bf16 inference path (canonical dots, softmax normalised after PV) against float64
-    softmax attention on the same bf16-rounded inputs, with padded keys; T5's form too (an
-    additive bias, scale 1). Its two dots are bf16 x bf16 on XLA:CPU."""
+def test_inference_attention_matches_float64(with_bias, dtype):
+    """The inference path on XLA:CPU (canonical dots, softmax normalised after PV) against
+    float64 softmax attention on the same (bf16-rounded) inputs, with padded keys; T5's form
+    too (an additive bias, scale 1). Its two dots are bf16 x bf16 in bf16, float32 in float32."""
     rng = np.random.default_rng(5)
     b, t, h, dh = 2, 7, 3, 8
     q, k, v = (_bf16_round(rng.normal(size=(b, t, h, dh))) for _ in range(3))
@@ -196,14 +197,15 @@ def test_bf16_inference_attention_matches_float64(with_bias):
     scale = 1.0 if with_bias else dh ** -0.5
     mod = _AttendInfer(scale=1.0 if with_bias else None)
     f = lambda q, k, v: mod.apply({}, q, k, v, jnp.asarray(mask), None if bias is None else jnp.asarray(bias, jnp.float32))
-    bf = lambda a: jnp.asarray(a, jnp.bfloat16)
-    got = np.asarray(f(bf(q), bf(k), bf(v)), np.float64)
+    cast = lambda a: jnp.asarray(a, dtype)
+    got = np.asarray(f(cast(q), cast(k), cast(v)).astype(jnp.float32), np.float64)
     logits = np.einsum("bthd,bshd->bhts", q, k) * scale + (0.0 if bias is None else bias)
     logits = np.where(mask, logits, -np.inf)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     want = np.einsum("bhts,bshd->bthd", p, v)
     # bf16 roundings: the unnormalised probabilities before PV, and the output
-    np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
+    np.testing.assert_allclose(got, want, atol=(0.02 if dtype == "bfloat16" else 1e-5) * np.abs(want).max())
     if jax.default_backend() == "cpu":
-        assert dot_operand_types(f, bf(q), bf(k), bf(v)) == ["bf16xbf16"] * 2
+        short = {"bfloat16": "bf16", "float32": "f32"}[dtype]
+        assert dot_operand_types(f, cast(q), cast(k), cast(v)) == [f"{short}x{short}"] * 2

@@ -58,10 +58,10 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
     s, hkv = k.shape[1], k.shape[2]
     g = h // hkv
     if deterministic:
-        if g == 1 and use_cpu_bf16_kernels(q.dtype):
-            return _infer_bf16(q, k, v, mask, bias, dh ** -0.5 if scale is None else scale)
-        # XLA:CPU float32: the fused op has the faster forward (45.7 vs 66.6 ms at 32 x 128 x 12
-        # heads), the explicit einsums the faster gradient (76.4 vs 102.6 ms): training takes those
+        if g == 1 and (use_cpu_bf16_kernels(q.dtype) or _cpu_float32(q.dtype)):
+            return _infer_canonical(q, k, v, mask, bias, dh ** -0.5 if scale is None else scale)
+        # elsewhere the fused op (on XLA:CPU in float32 its forward was faster than the explicit
+        # einsums, 45.7 vs 66.6 ms at 32 x 128 x 12 heads, but slower than _infer_canonical)
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
     scale = dh ** -0.5 if scale is None else scale
     if g == 1 and use_cpu_bf16_kernels(q.dtype):
@@ -108,23 +108,29 @@ def _attend_bf16(q, k, v, mask, dropout_rate, module, bias, scale):
     return materialized_permute(out, (0, 2, 1, 3)).astype(v.dtype)  # [B, T, H, Dh]
 
 
-def _infer_bf16(q, k, v, mask, bias, scale):
-    """Inference attention in bf16 as canonical batched dots (XLA:CPU's fast bf16 kernels), with
-    the softmax normalised after the PV product: the division runs over [B, H, T, Dh] instead of
-    the [B, H, T, S] scores. In a profile, `jax.nn.dot_product_attention`'s bf16 forward wrote
-    a transposed float32 copy of every score and ran its dots in a fusion with converts.
-    Measured at MiniLM 32 x 128 bf16: one layer 29.1 -> 15.2 ms; the whole forward (with
-    `compile_options.forward_jit`) 388 -> 335 ms.
-    q [B, T, H, Dh], k, v [B, S, H, Dh], mask bool [B, 1, T, S] -> [B, T, H, Dh]."""
+def _cpu_float32(dtype) -> bool:
+    return jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
+
+
+def _infer_canonical(q, k, v, mask, bias, scale):
+    """Inference attention on XLA:CPU as canonical batched dots (in bf16: its fast bf16 kernels),
+    with the softmax normalised after the PV product: the division runs over [B, H, T, Dh]
+    instead of the [B, H, T, S] scores. In a profile, `jax.nn.dot_product_attention`'s bf16
+    forward wrote a transposed float32 copy of every score and ran its dots in a fusion with
+    converts. Measured at MiniLM 32 x 128 with `compile_options.forward_jit`: bf16, one layer
+    29.1 -> 15.2 ms and the whole forward 388 -> 335 ms; float32, the whole forward
+    487 -> 468 and 493 -> 455 ms (two runs, in-process alternation).
+    q [B, T, H, Dh] (bf16 or float32), k, v [B, S, H, Dh], mask bool [B, 1, T, S] -> [B, T, H, Dh]."""
+    dot_dtype = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
     qh = materialized_permute(q, (0, 2, 1, 3))  # [B, H, T, Dh]
     kt = materialized_permute(k, (0, 2, 3, 1))  # [B, H, Dh, S]
     vh = materialized_permute(v, (0, 2, 1, 3))  # [B, H, S, Dh]
-    logits = bdot_f32(qh.astype(jnp.bfloat16), kt.astype(jnp.bfloat16)) * scale  # [B, H, T, S] float32
+    logits = bdot_f32(qh.astype(dot_dtype), kt.astype(dot_dtype)) * scale  # [B, H, T, S] float32
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     e = jnp.exp(logits - logits.max(-1, keepdims=True))  # [B, H, T, S]; a fully masked row is uniform
-    out = bdot_f32(e.astype(jnp.bfloat16), vh.astype(jnp.bfloat16)) / e.sum(-1, keepdims=True)  # [B, H, T, Dh]
+    out = bdot_f32(e.astype(dot_dtype), vh.astype(dot_dtype)) / e.sum(-1, keepdims=True)  # [B, H, T, Dh]
     return materialized_permute(out, (0, 2, 1, 3)).astype(v.dtype)  # [B, T, H, Dh]
 
 
