@@ -320,3 +320,22 @@ def test_bf16_site_gradients_match_float64_and_every_dot_is_bf16(site):
     if jax.default_backend() == "cpu":
         types = dot_operand_types(jax.grad(loss, argnums=(0, 1)), p, x)
         assert len(types) >= 2 and set(types) == {"bf16xbf16"}, types  # dx, dW (+ forward, adapter dots)
+
+
+@pytest.mark.parametrize("rows", [(3, 7), (32, 128)])
+def test_ia3_scale_gradient_sums_in_float32(rows):
+    """The IA3 vector's gradient is a sum of x * g over every row; on a bf16 activation it is
+    summed in float32 (`ia3.scale_features`). Autodiff summed in bf16, which XLA:CPU turned
+    into reduce-windows 5% of the largest entry off at 32 x 128 rows. Against float64: within
+    the bf16 rounding of the cotangent."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=rows + (48,)), jnp.bfloat16)  # [B, T, F]
+    scale = jnp.asarray(rng.normal(1.0, 0.1, size=(48,)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=rows + (48,)), jnp.bfloat16)  # a bf16 output's cotangent
+    dx, ds = jax.vjp(ia3_lib.scale_features, x, scale)[1](cot)
+    x64, c64 = np.asarray(x, np.float64), np.asarray(cot, np.float64)
+    want_ds = (x64 * c64).sum(axis=(0, 1))
+    np.testing.assert_allclose(np.asarray(ds, np.float64), want_ds, atol=1e-5 * np.abs(want_ds).max())
+    np.testing.assert_allclose(np.asarray(dx, np.float64), c64 * np.asarray(scale, np.float64)[None, None],
+                               rtol=2 ** -7)  # the scale and the product, each rounded to bf16
+    assert dx.dtype == jnp.bfloat16 and ds.dtype == jnp.float32
