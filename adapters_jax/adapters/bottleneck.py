@@ -123,7 +123,7 @@ def bottleneck(module: nn.Module, c: BottleneckConfig, z, deterministic: bool, d
         # adapter's forward + backward 4.5 -> 2.6 ms, the Houlsby step 1.6-5.2% faster (three
         # in-process A/Bs). The up projection's output is rounded to bf16 (as PyTorch autocast's
         # Linear), before the float32 residual add.
-        mm_dtype = jnp.bfloat16 if is_bf16(compute_dtype or z.dtype) else dtype
+        mm_dtype = jnp.bfloat16 if is_bf16(z.dtype if compute_dtype is None else compute_dtype) else dtype
         proj = lambda feats, name: (mixed_dense.Dense(
             feats, use_bias=c.use_bias, dtype=mm_dtype,
             kernel_init=inits[name], name=name))

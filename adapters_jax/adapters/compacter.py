@@ -145,7 +145,7 @@ class CompacterAdapter(BottleneckAdapter):
         rule = shared if c.shared_phm_rule else None
         # in a bf16 backbone the PHM products multiply in bf16 with float32 accumulation, as the
         # bottleneck's own projections do (bottleneck.py)
-        dtype = jnp.bfloat16 if is_bf16(compute_dtype or z.dtype) else self.dtype
+        dtype = jnp.bfloat16 if is_bf16(z.dtype if compute_dtype is None else compute_dtype) else self.dtype
         proj = lambda feats, name: (lambda v: PHMDense(feats, c, dtype, name=name)(v, rule))
         return bottleneck(self, c, z, deterministic, self.dtype, proj=proj)
 

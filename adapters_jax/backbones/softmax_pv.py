@@ -66,4 +66,3 @@ def _bwd(rate, res, g):
 
 
 softmax_dropout_pv.defvjp(_fwd, _bwd)
-
