@@ -30,3 +30,15 @@ def assert_tree_close_to_float64(got, want, rel: float = 2 ** -6) -> None:
         w = np.asarray(w, np.float64)
         np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=rel * np.abs(w).max(),
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def bf16_adapter_case(adapter, shape: tuple, seed: int, param_scale: float):
+    """(z, x, cot, params) for an activation-site adapter in a bf16 backbone: a bf16 sublayer
+    output z [B, T, D], the float32 block input x, a float64 cotangent of the output, and the
+    adapter's initial parameters times param_scale (far from identity, so the bottleneck counts)."""
+    rng = np.random.default_rng(seed)
+    z = jax.numpy.asarray(rng.normal(size=shape), jax.numpy.bfloat16)
+    x = jax.numpy.asarray(rng.normal(size=shape), jax.numpy.float32)
+    cot = rng.normal(size=shape)
+    params = adapter.init(jax.random.PRNGKey(0), z, x, None)["params"]
+    return z, x, cot, jax.tree.map(lambda p: p * param_scale, params)

@@ -13,7 +13,7 @@ from adapters_jax.backbones.bert import BertConfig, BertModel
 from adapters_jax.interop.adapterhub import bottleneck_from_torch
 from adapters_jax.model import param_count, place_base
 from tests.conftest import SENTENCES
-from tests.bf16_checks import assert_tree_close_to_float64, dot_operand_types
+from tests.bf16_checks import assert_tree_close_to_float64, bf16_adapter_case, dot_operand_types
 
 
 def adapter_params(params, name="adapter"):
@@ -172,12 +172,7 @@ def test_bf16_adapter_gradients_match_float64_and_every_dot_is_bf16():
     dW_up float32 dots (the latter on a transposed copy of the cotangent)."""
     cfg = bn.BottleneckConfig(bottleneck_dim=16, init="houlsby", activation="swish", dropout=0.0)
     adapter = bn.BottleneckAdapter(cfg)
-    rng = np.random.default_rng(1)
-    z = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.bfloat16)  # [B, T, D]
-    x = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.float32)
-    cot = rng.normal(size=(2, 8, 64))  # the output's cotangent
-    params = adapter.init(jax.random.PRNGKey(0), z, x, None)["params"]
-    params = jax.tree.map(lambda p: p * 30.0, params)  # far from identity, so the bottleneck counts
+    z, x, cot, params = bf16_adapter_case(adapter, (2, 8, 64), seed=1, param_scale=30.0)
 
     def loss(params, z):
         return jnp.sum(adapter.apply({"params": params}, z, x, None) * jnp.asarray(cot, jnp.float32))
@@ -236,12 +231,7 @@ def test_bf16_learned_scaling_gradient_matches_float64_over_many_rows(scaling):
     autodiff of the adapter's formula to bf16 rounding, as do the other parameters'."""
     cfg = bn.BottleneckConfig(bottleneck_dim=8, init="houlsby", activation="swish", dropout=0.0, scaling=scaling)
     adapter = bn.BottleneckAdapter(cfg)
-    rng = np.random.default_rng(3)
-    z = jnp.asarray(rng.normal(size=(32, 128, 16)), jnp.bfloat16)  # [B, T, D]
-    x = jnp.asarray(rng.normal(size=(32, 128, 16)), jnp.float32)
-    cot = rng.normal(size=(32, 128, 16))
-    params = adapter.init(jax.random.PRNGKey(0), z, x, None)["params"]
-    params = jax.tree.map(lambda p: p * 30.0, params)
+    z, x, cot, params = bf16_adapter_case(adapter, (32, 128, 16), seed=3, param_scale=30.0)
 
     def loss(params, z):
         return jnp.sum(adapter.apply({"params": params}, z, x, None) * jnp.asarray(cot, jnp.float32))

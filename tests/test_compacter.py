@@ -14,7 +14,7 @@ from adapters_jax.adapters.bottleneck import BottleneckAdapter, BottleneckConfig
 from adapters_jax.adapters.presets import spec_from_config
 from adapters_jax.backbones import bert_weights
 from adapters_jax.backbones.bert import BertConfig, BertModel
-from tests.bf16_checks import assert_tree_close_to_float64, dot_operand_types
+from tests.bf16_checks import assert_tree_close_to_float64, bf16_adapter_case, dot_operand_types
 
 SITES = ("attn_adapter", "ffn_adapter", "shared_adapters")
 
@@ -247,12 +247,7 @@ def test_bf16_phm_gradients_match_float64_and_token_dots_are_bf16():
     had none; the small dots that build each PHM weight stay float32)."""
     cfg = cp.CompacterConfig(bottleneck_dim=16, shared_phm_rule=False, phm_init_range=0.5)
     adapter = cp.CompacterAdapter(cfg)
-    rng = np.random.default_rng(0)
-    z = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.bfloat16)  # [B, T, D]
-    x = jnp.asarray(rng.normal(size=(2, 8, 64)), jnp.float32)
-    cot = rng.normal(size=(2, 8, 64))
-    params = adapter.init(jax.random.PRNGKey(0), z, x, None)["params"]
-    params = jax.tree.map(lambda p: p * 3.0, params)  # far from identity, so the bottleneck counts
+    z, x, cot, params = bf16_adapter_case(adapter, (2, 8, 64), seed=0, param_scale=3.0)
 
     def loss(params, z, x, cot, adapter=adapter):
         return jnp.sum(adapter.apply({"params": params}, z, x, None).astype(cot.dtype) * cot)
