@@ -151,10 +151,12 @@ MINILM_NO_DROPOUT = dict(model_type="bert", vocab_size=30522, hidden_size=384, n
     ("minilm", "cls", "none", "bf16"),
     ("minilm-no-dropout", "cls", "houlsby", "f32")])
 def test_saved_activation_bytes_equal_jax_residuals(name, head, adapter, dtype, tmp_path, monkeypatch):
-    # the planner plans accelerator runs, which take flax's standard bf16 path; XLA:CPU's bf16
-    # kernels (mixed_dense, softmax_pv) keep less and are checked in their own tests
+    # the planner plans accelerator runs, which take flax's standard path; XLA:CPU's canonical
+    # paths (mixed_dense, softmax_pv; bf16, and float32 attention) keep less and are checked in
+    # their own tests
     for module in (attention, mixed_dense):
         monkeypatch.setattr(module, "use_cpu_bf16_kernels", lambda dtype: False)
+    monkeypatch.setattr(attention, "_cpu_float32", lambda dtype: False)
     if name == "minilm-no-dropout":  # also exercises the config.json path
         (tmp_path / "config.json").write_text(json.dumps(MINILM_NO_DROPOUT))
         name = str(tmp_path / "config.json")

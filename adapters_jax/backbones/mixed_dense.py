@@ -85,31 +85,37 @@ def _bwd(res, g):
 mixed_matmul.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
-@jax.custom_vjp
-def mixed_bmm(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """Batched a [..., M, K] @ b [..., K, N] with bf16 inputs and float32 accumulation ->
-    [..., M, N] float32 (attention's QK^T; PV is in softmax_pv), with canonical dots in its VJP too."""
-    return bdot_f32(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+def _canonical_bmm(dot_dtype):
+    """Batched a [..., M, K] @ b [..., K, N] with `dot_dtype` inputs and float32 accumulation ->
+    [..., M, N] float32, with canonical dots in its VJP too (attention's QK^T in training; PV is
+    in softmax_pv). Built once per dot dtype: bf16 takes XLA:CPU's fast kernels, float32 keeps
+    the same written-out layouts and saves only what the backward uses."""
+
+    @jax.custom_vjp
+    def bmm(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+        return bdot_f32(a.astype(dot_dtype), b.astype(dot_dtype))
+
+    def fwd(a, b):
+        ad, bd = a.value.astype(dot_dtype), b.value.astype(dot_dtype)
+        res = (ad if b.perturbed else None, bd if a.perturbed else None,
+               jnp.zeros((0,), a.value.dtype), jnp.zeros((0,), b.value.dtype))
+        return bdot_f32(ad, bd), res
+
+    def bwd(res, g):
+        ad, bd, a_like, b_like = res
+        if isinstance(g, SymbolicZero):
+            return None, None
+        gd = g.astype(dot_dtype)  # [..., M, N]
+        da = None if bd is None else bdot_f32(gd, materialized_transpose(bd)).astype(a_like.dtype)  # [..., M, K]
+        db = None if ad is None else bdot_f32(materialized_transpose(ad), gd).astype(b_like.dtype)  # [..., K, N]
+        return da, db
+
+    bmm.defvjp(fwd, bwd, symbolic_zeros=True)
+    return bmm
 
 
-def _bmm_fwd(a, b):
-    ab, bb = a.value.astype(jnp.bfloat16), b.value.astype(jnp.bfloat16)
-    res = (ab if b.perturbed else None, bb if a.perturbed else None,
-           jnp.zeros((0,), a.value.dtype), jnp.zeros((0,), b.value.dtype))
-    return bdot_f32(ab, bb), res
-
-
-def _bmm_bwd(res, g):
-    ab, bb, a_like, b_like = res
-    if isinstance(g, SymbolicZero):
-        return None, None
-    gb = g.astype(jnp.bfloat16)  # [..., M, N]
-    da = None if bb is None else bdot_f32(gb, materialized_transpose(bb)).astype(a_like.dtype)  # [..., M, K]
-    db = None if ab is None else bdot_f32(materialized_transpose(ab), gb).astype(b_like.dtype)  # [..., K, N]
-    return da, db
-
-
-mixed_bmm.defvjp(_bmm_fwd, _bmm_bwd, symbolic_zeros=True)
+mixed_bmm = _canonical_bmm(jnp.bfloat16)  # bf16 inputs, float32 accumulation and result
+float32_bmm = _canonical_bmm(jnp.float32)  # the same layouts and residuals in float32
 
 
 def is_bf16(dtype) -> bool:

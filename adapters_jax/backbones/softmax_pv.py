@@ -1,5 +1,5 @@
-"""softmax(logits), probability dropout and the probabilities @ values matmul as one bf16 op
-whose backward keeps 3 bytes per attention score.
+"""softmax(logits), probability dropout and the probabilities @ values matmul as one op whose
+backward keeps 3 bytes per attention score in bf16 (5 in float32).
 
 Why: autodiff of the three steps keeps the float32 probabilities for the softmax backward
 (4 bytes per score), the dropped bf16 probabilities for dV (2) and the keep mask (1), and on
@@ -12,6 +12,8 @@ The price is the bf16 rounding of P inside the softmax backward (relative 2^-9 p
 same rounding the forward already gives P before the PV matmul. Measured at MiniLM 32 x 128
 bf16 on the 2-core CPU, with `grad_barrier.not_before` (on P and V): Houlsby step memory
 696 -> 503 MiB, full fine-tuning 994 -> 769 MiB, and both steps faster (less memory traffic).
+With `dot_dtype=float32` the probabilities are kept in float32 and nothing is rounded: autodiff
+kept P, P_drop, the keep mask and XLA:CPU's copies (see attention._attend_canonical).
 """
 from __future__ import annotations
 
@@ -25,38 +27,38 @@ from adapters_jax.backbones.grad_barrier import not_before
 from adapters_jax.backbones.mixed_dense import bdot_f32, materialized_transpose
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def softmax_dropout_pv(logits: jnp.ndarray, keep: Optional[jnp.ndarray], v: jnp.ndarray,
-                       rate: float) -> jnp.ndarray:
+                       rate: float, dot_dtype=jnp.bfloat16) -> jnp.ndarray:
     """logits [B, H, T, S] float32 (scaled and masked), keep bool [B, H, T, S] (None: no
     dropout), v [B, H, S, Dh] -> softmax(logits) with dropout at `rate`, @ v: [B, H, T, Dh]
-    float32, with bf16 inputs to the matmul."""
-    return _fwd(logits, keep, v, rate)[0]
+    float32, with `dot_dtype` (bf16 or float32) inputs to the matmuls and float32 accumulation."""
+    return _fwd(logits, keep, v, rate, dot_dtype)[0]
 
 
-def _dropped(p, keep, rate):
-    """[B, H, T, S] probabilities -> the dropped, rescaled probabilities in bf16."""
+def _dropped(p, keep, rate, dot_dtype):
+    """[B, H, T, S] probabilities -> the dropped, rescaled probabilities in `dot_dtype`."""
     p = p.astype(jnp.float32)
     if keep is not None:
         p = jnp.where(keep, p * (1.0 / (1.0 - rate)), 0.0)
-    return p.astype(jnp.bfloat16)
+    return p.astype(dot_dtype)
 
 
-def _fwd(logits, keep, v, rate):
+def _fwd(logits, keep, v, rate, dot_dtype):
     p = jax.nn.softmax(logits, axis=-1)  # [B, H, T, S] float32
-    vb = v.astype(jnp.bfloat16)
-    out = bdot_f32(_dropped(p, keep, rate), vb)  # [B, H, T, Dh]
-    return out, (p.astype(jnp.bfloat16), keep, vb, jnp.zeros((0,), v.dtype))
+    vd = v.astype(dot_dtype)
+    out = bdot_f32(_dropped(p, keep, rate, dot_dtype), vd)  # [B, H, T, Dh]
+    return out, (p.astype(dot_dtype), keep, vd, jnp.zeros((0,), v.dtype))
 
 
-def _bwd(rate, res, g):
-    pb, keep, vb, v_like = res
+def _bwd(rate, dot_dtype, res, g):
+    pb, keep, vb, v_like = res  # P and V in dot_dtype
     pb, vb = not_before(pb, g, 2), not_before(vb, g, 2)  # see grad_barrier.not_before
-    gb = g.astype(jnp.bfloat16)  # [B, H, T, Dh]
+    gb = g.astype(dot_dtype)  # [B, H, T, Dh]
     # dV^T = g^T P_drop: P_drop is the right-hand operand as it is ([.., T, S]), so no transposed
     # copy of it is written. dV^T is transposed back written out: XLA folds a plain transpose
     # into the dot, and that non-canonical bf16 dot has no XLA:CPU kernel (a runtime error)
-    dvt = bdot_f32(materialized_transpose(gb), _dropped(pb, keep, rate))  # [B, H, Dh, S]
+    dvt = bdot_f32(materialized_transpose(gb), _dropped(pb, keep, rate, dot_dtype))  # [B, H, Dh, S]
     dp = bdot_f32(gb, materialized_transpose(vb))  # [B, H, T, S] float32
     if keep is not None:
         dp = jnp.where(keep, dp * (1.0 / (1.0 - rate)), 0.0)
