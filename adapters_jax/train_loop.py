@@ -18,6 +18,7 @@ from adapters_jax.adapters import AdapterSetup, FusionConfig, spec_from_config
 from adapters_jax.adapters.from_exports import setup_from_exports
 from adapters_jax.adapters.fusion import regularization as fusion_regularization
 from adapters_jax.adapters.prefix import head_options
+from adapters_jax.backbones import attention
 from adapters_jax.compile_options import forward_jit
 from adapters_jax.data import make_datasets
 from adapters_jax.heads import BackboneLogits, ClassificationHead
@@ -41,11 +42,22 @@ def frozen_dtype(config):
     return DTYPES[name]
 
 
+def attention_backward(config) -> str:
+    """model.attention_backward: what training attention keeps for its backward on XLA:CPU
+    ('keep': the probabilities; 'recompute': nothing score-sized; see attention.set_training_backward)."""
+    name = config.model.get("attention_backward", "keep")
+    if name not in attention.BACKWARDS:
+        raise ValueError(f"model.attention_backward={name!r} is not one of {list(attention.BACKWARDS)}")
+    return name
+
+
 def build(config, backbone=None, base_sha256=None):
     """(backbone, spec, model, preloaded): the pretrained backbone with the config's adapters and
-    head; `preloaded` holds adapter params read from earlier runs (AdapterFusion), else None."""
+    head; `preloaded` holds adapter params read from earlier runs (AdapterFusion), else None.
+    Also sets model.attention_backward for the steps traced after it."""
     if config.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype={config.model.dtype!r} is not one of {sorted(DTYPES)}")
+    attention.set_training_backward(attention_backward(config))
     backbone = backbone or load_backbone(config.model.name, dtype=DTYPES[config.model.dtype])
     options = config.adapter.to_dict()
     preloaded = None
@@ -97,6 +109,7 @@ def check_config(config) -> None:
     if config.optim.lr <= 0:
         raise ValueError(f"optim.lr={config.optim.lr} must be > 0")
     frozen_dtype(config)  # raises for an unknown model.frozen_dtype before anything loads
+    attention_backward(config)
     if not 0 <= config.optim.get("warmup_ratio", 0.0) <= 1:
         raise ValueError(f"optim.warmup_ratio={config.optim.warmup_ratio} must be in [0, 1]")
     if "head" in config and not 0 <= config.head.get("dropout", 0.0) < 1:

@@ -30,6 +30,7 @@ import numpy as np
 from absl import app, flags
 
 from adapters_jax.adapters import spec_from_config
+from adapters_jax.backbones import attention
 from adapters_jax.backbones.bert import BertConfig, BertModel
 from experiments import host_malloc
 from experiments.bench_steps import METHODS, MODELS, bench, matmul_peak
@@ -44,6 +45,8 @@ flags.DEFINE_bool("flops_only", False, "compile and count FLOPs, do not time")
 flags.DEFINE_string("dtype", "float32", "compute dtype: float32 or bfloat16")
 flags.DEFINE_enum("frozen_dtype", "auto", ["auto", "float32", "bfloat16"],
                   "storage of the frozen base's matrices (auto: the compute dtype), as train's model.frozen_dtype")
+flags.DEFINE_enum("attention_backward", "keep", ["keep", "recompute"],
+                  "what training attention keeps for its backward on XLA:CPU, as train's model.attention_backward")
 flags.DEFINE_string("out", "runs/benchmark.json", "JSON output (the PNG goes beside it)")
 flags.DEFINE_bool("isolate", True, "run each method in its own subprocess (its own peak RSS)")
 flags.DEFINE_float("peak_gflops", 0.0, "matmul peak to use (0: measure it)")
@@ -62,6 +65,7 @@ def bench_isolated(method: str, peak: float) -> dict:
     cmd = [sys.executable, "-m", "experiments.benchmark", "--child", f"--methods={method}",
            f"--model={FLAGS.model}", f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--steps={FLAGS.steps}",
            f"--dtype={FLAGS.dtype}", f"--frozen_dtype={FLAGS.frozen_dtype}", f"--peak_gflops={peak / 1e9}",
+           f"--attention_backward={FLAGS.attention_backward}",
            f"--flops_only={FLAGS.flops_only}"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=host_malloc.child_env(FLAGS.malloc))
     rows = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -182,6 +186,7 @@ def main(argv):
     dtype = dtypes[FLAGS.dtype]
     frozen = dtypes[FLAGS.dtype if FLAGS.frozen_dtype == "auto" else FLAGS.frozen_dtype]
     methods = FLAGS.methods.split(",")
+    attention.set_training_backward(FLAGS.attention_backward)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise app.UsageError(f"--methods: unknown {unknown} (known: {', '.join(METHODS)})")
@@ -201,7 +206,8 @@ def main(argv):
     peak = FLAGS.peak_gflops * 1e9 or (0.0 if FLAGS.flops_only else matmul_peak(dtype))
     title = (f"{FLAGS.model} batch {FLAGS.batch} x {FLAGS.seq}, {FLAGS.dtype}, {jax.device_count()} "
              f"{jax.devices()[0].platform} device(s), {os.cpu_count()} CPU threads, "
-             f"matmul peak {peak / 1e9:.0f} GFLOP/s, frozen base {jnp.dtype(frozen).name}, malloc {FLAGS.malloc}")
+             f"matmul peak {peak / 1e9:.0f} GFLOP/s, frozen base {jnp.dtype(frozen).name}, malloc {FLAGS.malloc}, "
+             f"attention backward {FLAGS.attention_backward}")
     print(title, flush=True)
     rows = []
     for i, method in enumerate(methods):
@@ -217,7 +223,7 @@ def main(argv):
         print(line)
     result = {"model": FLAGS.model, "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
               "cpu_threads": os.cpu_count(), "matmul_peak_gflops": peak / 1e9, "malloc": FLAGS.malloc,
-              "frozen_dtype": jnp.dtype(frozen).name,
+              "frozen_dtype": jnp.dtype(frozen).name, "attention_backward": FLAGS.attention_backward,
               "rows": rows, "adapterhub": torch_rows}
     if FLAGS.inference:
         from experiments import bench_inference

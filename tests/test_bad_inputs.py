@@ -49,6 +49,7 @@ CASES = [
     (H, ["--config.metric=f1"], "metric='f1' is not a classification metric"),
     (H, ["--config.model.dtype=fp8"], "model.dtype='fp8'"),
     (H, ["--config.model.frozen_dtype=int8"], "model.frozen_dtype='int8'"),
+    (H, ["--config.model.attention_backward=flash"], "model.attention_backward='flash' is not one of"),
     (H, ["--config.head.pooling=max"], "head.pooling='max'"),
     (H, ["--config.optim.schedule=step"], "optim.schedule='step'"),
     (H, ["--config.parallelism=tpu"], "parallelism='tpu'"),

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from adapters_jax.backbones import sites
 from adapters_jax.backbones.mixed_dense import (bdot_f32, float32_bmm, materialized_permute, mixed_bmm,
                                                 use_cpu_bf16_kernels)
+from adapters_jax.backbones.recompute_attention import attention_recompute
 from adapters_jax.backbones.softmax_pv import softmax_dropout_pv
 from adapters_jax.dropout import keep_mask
 
@@ -106,6 +107,10 @@ def _attend_canonical(q, k, v, mask, dropout_rate, module, bias, scale):
     qh = materialized_permute(q, (0, 2, 1, 3))  # [B, H, T, Dh]
     kt = materialized_permute(k, (0, 2, 3, 1))  # [B, H, Dh, S]
     vh = materialized_permute(v, (0, 2, 1, 3))  # [B, H, S, Dh]
+    if bias is None and _BACKWARD[0] == "recompute":
+        rng = module.make_rng("dropout") if dropout_rate > 0.0 else None
+        out = attention_recompute(qh, kt, vh, mask, rng, dropout_rate, scale, dot_dtype)  # [B, H, T, Dh]
+        return materialized_permute(out, (0, 2, 1, 3)).astype(v.dtype)
     logits = bmm(qh, kt) * scale  # [B, H, T, S] float32
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
@@ -115,6 +120,23 @@ def _attend_canonical(q, k, v, mask, dropout_rate, module, bias, scale):
     out = softmax_dropout_pv(logits, keep, vh, dropout_rate, dot_dtype)  # [B, H, T, Dh] float32
     # written out, so that its cotangent reaches the backward dots in a layout they take as bf16
     return materialized_permute(out, (0, 2, 1, 3)).astype(v.dtype)  # [B, T, H, Dh]
+
+
+BACKWARDS = ("keep", "recompute")
+_BACKWARD = ["keep"]  # read when a step is traced; set_training_backward changes later traces
+
+
+def set_training_backward(name: str) -> str:
+    """What training attention on XLA:CPU keeps for its backward; returns the previous setting.
+
+    'keep' (default): the probabilities and the keep mask (`softmax_pv`; 3 bytes per score in
+    bf16, 5 in float32), the faster choice at MiniLM 32 x 128. 'recompute': nothing score-sized;
+    the backward recomputes them from Q and K (`recompute_attention`), for long sequences, where
+    the scores grow with T^2. T5's biased attention and grouped-query heads keep their paths."""
+    if name not in BACKWARDS:
+        raise ValueError(f"attention backward {name!r} is not one of {list(BACKWARDS)}")
+    previous, _BACKWARD[0] = _BACKWARD[0], name
+    return previous
 
 
 def _cpu_float32(dtype) -> bool:
