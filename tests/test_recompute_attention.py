@@ -121,3 +121,15 @@ def test_keeps_nothing_score_sized_per_layer():
     per_score = ((_stack_temp_bytes(4, "recompute") - _stack_temp_bytes(2, "recompute"))
                  / 2 / (4 * 4 * 128 * 128))
     assert per_score < 2.0, per_score
+
+
+def test_typed_and_raw_dropout_keys_give_the_same_gradients():
+    """flax hands out raw uint32 keys or typed ones (jax.random.key): the backward's
+    recomputed keep mask must be the forward's either way."""
+    (q, kt, v), mask, g = _inputs(jnp.float32)
+    grads = [jax.vjp(lambda q, kt, v: attention_recompute(q, kt, v, mask, key, RATE, 0.3, jnp.float32),
+                     q, kt, v)[1](jnp.asarray(g, jnp.float32))
+             for key in (jax.random.PRNGKey(3), jax.random.key(3))]
+    for a, b in zip(*grads):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(grads[0][2])).max() > 0
