@@ -59,3 +59,24 @@ def test_host_malloc_tuned_restarts_training_with_the_glibc_settings(tmp_path):
     started = [line for line in out.stdout.splitlines() if line.startswith("host malloc: tuned")]
     assert started == ["host malloc: tuned (" + " ".join(f"{k}={v}" for k, v in host_malloc.TUNED.items()) + ")"]
     assert os.path.exists(tmp_path / "adapter" / "adapter.safetensors")
+
+
+def test_attention_backward_recompute_trains_to_the_same_adapters(tmp_path):
+    """model.attention_backward='recompute' reaches attention (build sets it for the steps it
+    traces), draws the same dropout masks and gives the adapters 'keep' gives."""
+    from adapters_jax.backbones import attention
+    from adapters_jax.train_loop import train_and_evaluate
+    results = {}
+    try:
+        for backward in ("keep", "recompute"):
+            config = importlib.import_module("configs.houlsby_r64").get_config("smoke")
+            config.model.attention_backward = backward
+            config.optim.lr, config.train.num_steps = 1e-2, 4
+            train_and_evaluate(config, str(tmp_path / backward))
+            assert attention.set_training_backward("keep") == backward  # what the run traced with
+            results[backward] = load_file(str(tmp_path / backward / "adapter" / "adapter.safetensors"))
+    finally:
+        attention.set_training_backward("keep")
+    assert results["keep"].keys() == results["recompute"].keys()
+    for k in results["keep"]:
+        np.testing.assert_allclose(results["recompute"][k], results["keep"][k], atol=1e-5, err_msg=k)
