@@ -20,12 +20,16 @@ def _bottleneck_cfg(overrides: Mapping[str, Any], **defaults) -> BottleneckConfi
     return _make(BottleneckConfig, {**defaults, **overrides})
 
 
+class UnknownOption(ValueError):
+    """An adapter option the chosen method does not take."""
+
+
 def _make(cls, options: Mapping[str, Any]):
     """cls(**options), with an unknown option named in a one-line error."""
     names = {f.name for f in dataclasses.fields(cls)}
     for k in options:
         if k not in names:
-            raise ValueError(f"adapter.{k} is not an option of {cls.__name__} (options: {', '.join(sorted(names))})")
+            raise UnknownOption(f"adapter.{k} is not an option of {cls.__name__} (options: {', '.join(sorted(names))})")
     return cls(**options)
 
 
@@ -98,7 +102,7 @@ def ia3(layers=None, ia3_sites=("key", "value", "ffn_out"), feedforward_sites=("
     """Liu et al. 2022: rescale key/value outputs and the FFN intermediate (the input of ffn_out)."""
     from adapters_jax.adapters.ia3 import IA3Config  # importing it registers 'ia3'
     if kw:
-        raise ValueError(f"adapter.{next(iter(kw))} is not an option of ia3 (options: ia3_sites, feedforward_sites)")
+        raise UnknownOption(f"adapter.{next(iter(kw))} is not an option of ia3 (options: ia3_sites, feedforward_sites)")
     where, ff = _dense_sites("ia3_sites", ia3_sites), _dense_sites("feedforward_sites", feedforward_sites)
     if not set(ff) <= set(where):
         raise ValueError(f"adapter.feedforward_sites={ff!r} must be a subset of adapter.ia3_sites={where!r}")
@@ -138,5 +142,8 @@ def spec_from_config(method: str, **options) -> AdapterSpec | None:
         raise ValueError(f"adapter.method={method!r} is unknown; choose from {sorted(PRESETS) + ['none']}")
     spec_kw = {k: options.pop(k) for k in SPEC_KEYS if k in options}
     layers = parse_layers(spec_kw.pop("layers", None))
-    placements = PRESETS[method](layers=layers, **options)
+    try:
+        placements = PRESETS[method](layers=layers, **options)
+    except UnknownOption as e:  # an option left over from another method: say which method refused it
+        raise ValueError(f"{e} for adapter.method={method!r}") from None
     return AdapterSpec(placements=placements, **spec_kw)
