@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from adapters_jax.backbones import mixed_dense
+from tests.attention_checks import Attend, per_score_temp_bytes
 from tests.bf16_checks import dot_operand_types
 
 
@@ -121,15 +122,6 @@ def test_canonical_bmm_matches_float64_and_keeps_its_dot_dtype(name):
     assert dot_operand_types(grad, a, b) == (["bf16xbf16"] if name == "mixed_bmm" else ["f32xf32"]) * 3
 
 
-class _Attend(nn.Module):
-    rate: float
-
-    @nn.compact
-    def __call__(self, q, k, v, mask):
-        from adapters_jax.backbones.attention import attend
-        return attend(q, k, v, mask, self.rate, False, self)
-
-
 @pytest.mark.parametrize("rate", [0.0, 0.3])
 def test_bf16_training_attention_matches_the_float32_path(rate):
     """The bf16 training path (canonical batched dots) against the float32 path (on XLA:CPU the
@@ -141,7 +133,7 @@ def test_bf16_training_attention_matches_the_float32_path(rate):
     key_mask = np.ones((b, t), bool)
     key_mask[1, 4:] = False  # padding in the second row
     mask = jnp.asarray(np.broadcast_to(key_mask[:, None, None, :], (b, 1, t, t)))
-    mod, rngs = _Attend(rate), {"dropout": jax.random.PRNGKey(7)}
+    mod, rngs = Attend(rate), {"dropout": jax.random.PRNGKey(7)}
 
     def run(dtype):
         f = lambda q, k, v: mod.apply({}, q.astype(dtype), k.astype(dtype), v.astype(dtype), mask, rngs=rngs)
@@ -188,7 +180,7 @@ def test_float32_training_attention_matches_float64(rate, with_bias):
             mod = _AttendBias(rate)
             f = lambda q, k, v: mod.apply({}, q, k, v, mask, jnp.asarray(bias, jnp.float32), rngs=rngs)
         else:
-            mod = _Attend(rate)
+            mod = Attend(rate)
             f = lambda q, k, v: mod.apply({}, q, k, v, mask, rngs=rngs)
         out, vjp = jax.vjp(f, *(jnp.asarray(a, dtype) for a in (q, k, v)))
         return [np.asarray(a, np.float64) for a in (out, *vjp(jnp.asarray(g, dtype)))]
@@ -200,22 +192,10 @@ def test_float32_training_attention_matches_float64(rate, with_bias):
     for grad in got[2:]:  # padded keys and values get no gradient
         np.testing.assert_array_equal(grad[1, 4:], 0.0)
     if jax.default_backend() == "cpu" and not with_bias:
-        grad = lambda q, k, v: jax.grad(lambda *a: jnp.sum(_Attend(rate).apply({}, *a, mask, rngs=rngs) ** 2),
+        grad = lambda q, k, v: jax.grad(lambda *a: jnp.sum(Attend(rate).apply({}, *a, mask, rngs=rngs) ** 2),
                                         argnums=(0, 1, 2))(q, k, v)
         types = dot_operand_types(grad, *(jnp.asarray(a, jnp.float32) for a in (q, k, v)))
         assert types == ["f32xf32"] * 6, types  # QK^T and PV, and four in the backward
-
-
-def _attention_stack_temp_bytes(layers: int, b=4, t=128, h=4, dh=32) -> int:
-    """XLA's temporary bytes for the gradient of `layers` chained float32 training attentions."""
-    mask = jnp.ones((b, 1, t, t), bool)
-
-    def loss(x):  # [B, T, H, Dh]
-        for i in range(layers):
-            x = x + _Attend(0.1).apply({}, x, x * 2, x * 3, mask, rngs={"dropout": jax.random.PRNGKey(i)})
-        return jnp.sum(x ** 2)
-    x = jnp.zeros((b, t, h, dh), jnp.float32)
-    return jax.jit(jax.grad(loss)).lower(x).compile().memory_analysis().temp_size_in_bytes
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the canonical path is XLA:CPU's")
@@ -224,8 +204,7 @@ def test_float32_training_attention_holds_the_lean_residuals_per_layer():
     float32 probabilities (4) and the keep mask (1), plus q, k and v (1 each at Dh/T = 1/4).
     Measured 7.0; the einsum path under autodiff held 11.1 (the probabilities before and after
     dropout, and the unnormalised exponentials)."""
-    per_layer = (_attention_stack_temp_bytes(4) - _attention_stack_temp_bytes(2)) / 2
-    per_score = per_layer / (4 * 4 * 128 * 128)
+    per_score = per_score_temp_bytes("keep")
     assert per_score < 9.0, per_score
 
 
@@ -237,7 +216,7 @@ def test_bf16_training_attention_gradient_dots_stay_bf16():
     b, t, h, dh = 2, 16, 3, 8
     q = k = v = jnp.ones((b, t, h, dh), jnp.bfloat16)
     mask = jnp.ones((b, 1, t, t), bool)
-    mod, rngs = _Attend(0.1), {"dropout": jax.random.PRNGKey(0)}
+    mod, rngs = Attend(0.1), {"dropout": jax.random.PRNGKey(0)}
 
     w = jnp.ones((h * dh, 4), jnp.float32)
 

@@ -1,7 +1,6 @@
 """attention_recompute (training attention whose backward recomputes the probabilities) against
 float64 autodiff of the textbook formulas, against the default 'keep' path through `attend`,
 and what XLA:CPU holds per layer."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from adapters_jax.backbones import attention
 from adapters_jax.backbones.recompute_attention import attention_recompute
 from adapters_jax.dropout import keep_mask
+from tests.attention_checks import Attend, per_score_temp_bytes
 
 B, H, T, S, DH = 2, 3, 8, 12, 8
 RATE = 0.25
@@ -59,18 +59,10 @@ def test_matches_float64_textbook(rate, dtype):
     np.testing.assert_array_equal(np.asarray(grads[1], np.float64)[1, ..., 9:], 0.0)  # padded keys
 
 
-class _Attend(nn.Module):
-    rate: float
-
-    @nn.compact
-    def __call__(self, q, k, v, mask):
-        return attention.attend(q, k, v, mask, self.rate, False, self)
-
-
 def _attend_with(backward, rate, dtype, q, k, v, mask, g):
     previous = attention.set_training_backward(backward)
     try:
-        f = lambda q, k, v: _Attend(rate).apply({}, q, k, v, mask, rngs={"dropout": jax.random.PRNGKey(5)})
+        f = lambda q, k, v: Attend(rate).apply({}, q, k, v, mask, rngs={"dropout": jax.random.PRNGKey(5)})
         out, vjp = jax.vjp(f, q, k, v)
         return [np.asarray(a, np.float64) for a in (out, *vjp(g))]
     finally:
@@ -98,29 +90,12 @@ def test_unknown_backward_is_refused():
         attention.set_training_backward("flash")
 
 
-def _stack_temp_bytes(layers: int, backward: str, b=4, t=128, h=4, dh=32) -> int:
-    """XLA's temporary bytes for the gradient of `layers` chained float32 training attentions."""
-    mask = jnp.ones((b, 1, t, t), bool)
-
-    def loss(x):  # [B, T, H, Dh]
-        for i in range(layers):
-            x = x + _Attend(0.1).apply({}, x, x * 2, x * 3, mask, rngs={"dropout": jax.random.PRNGKey(i)})
-        return jnp.sum(x ** 2)
-    previous = attention.set_training_backward(backward)
-    try:
-        x = jnp.zeros((b, t, h, dh), jnp.float32)
-        return jax.jit(jax.grad(loss)).lower(x).compile().memory_analysis().temp_size_in_bytes
-    finally:
-        attention.set_training_backward(previous)
-
-
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the canonical path is XLA:CPU's")
 def test_keeps_nothing_score_sized_per_layer():
     """Per layer, in bytes per score: q, k and v (1 each at Dh/T = 1/4 in float32), nothing of
     the scores. Measured 1.06; 'keep' holds 7.0 (the probabilities and the mask besides). Without
     `not_before` XLA merged the backward's recomputation with the forward and kept its results."""
-    per_score = ((_stack_temp_bytes(4, "recompute") - _stack_temp_bytes(2, "recompute"))
-                 / 2 / (4 * 4 * 128 * 128))
+    per_score = per_score_temp_bytes("recompute")
     assert per_score < 2.0, per_score
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from adapters_jax.backbones.grad_barrier import not_before
 from adapters_jax.backbones.mixed_dense import bdot_f32, materialized_transpose
+from adapters_jax.backbones.softmax_pv import backward_from_probs, dropped
 from adapters_jax.dropout import keep_mask
 
 
@@ -47,12 +48,6 @@ def _keep(rng, shape, rate):
     return keep_mask(rng, shape, 1.0 - rate) if rate > 0.0 else None
 
 
-def _dropped(p, keep, rate, dot_dtype):
-    if keep is not None:
-        p = jnp.where(keep, p * (1.0 / (1.0 - rate)), 0.0)
-    return p.astype(dot_dtype)
-
-
 def _fwd(qh, kt, vh, mask, rng, rate, scale, dot_dtype):
     qd, ktd, vd = qh.astype(dot_dtype), kt.astype(dot_dtype), vh.astype(dot_dtype)
     logits = _logits(qd, ktd, mask, scale)
@@ -60,7 +55,7 @@ def _fwd(qh, kt, vh, mask, rng, rate, scale, dot_dtype):
     e = jnp.exp(logits - m)
     s = e.sum(-1, keepdims=True)
     p = e / s
-    out = bdot_f32(_dropped(p, _keep(rng, logits.shape, rate), rate, dot_dtype), vd)  # [B, H, T, Dh]
+    out = bdot_f32(dropped(p, _keep(rng, logits.shape, rate), rate, dot_dtype), vd)  # [B, H, T, Dh]
     likes = tuple(jnp.zeros((0,), a.dtype) for a in (qh, kt, vh))
     # m and s, not m + log(s): a fully masked row (L = float32 min everywhere) would lose log(S)
     return out, (qd, ktd, vd, mask, rng, m, s, likes)
@@ -74,15 +69,9 @@ def _bwd(rate, scale, dot_dtype, res, g):
         rng = _not_before_key(rng, g)
     logits = _logits(qd, ktd, mask, scale)
     p = jnp.exp(logits - m) / s  # [B, H, T, S] float32, exactly the forward's
-    keep = _keep(rng, p.shape, rate)
-    gd = g.astype(dot_dtype)  # [B, H, T, Dh]
-    dvt = bdot_f32(materialized_transpose(gd), _dropped(p, keep, rate, dot_dtype))  # [B, H, Dh, S]
-    dp = bdot_f32(gd, materialized_transpose(vd))  # [B, H, T, S]
-    if keep is not None:
-        dp = jnp.where(keep, dp * (1.0 / (1.0 - rate)), 0.0)
-    dlogits = p * (dp - (dp * p).sum(-1, keepdims=True)) * scale
+    dlogits, dvt = backward_from_probs(p, _keep(rng, p.shape, rate), vd, g.astype(dot_dtype), rate, dot_dtype)
     # masked logits are constants: no gradient (p = 0 there, except in a fully masked row)
-    dlogits = jnp.where(mask, dlogits, 0.0).astype(dot_dtype)  # [B, H, T, S]
+    dlogits = jnp.where(mask, dlogits * scale, 0.0).astype(dot_dtype)  # [B, H, T, S]
     dq = bdot_f32(dlogits, materialized_transpose(ktd))  # [B, H, T, Dh]
     dkt = bdot_f32(materialized_transpose(qd), dlogits)  # [B, H, Dh, S]
     return (dq.astype(q_like.dtype), dkt.astype(k_like.dtype),

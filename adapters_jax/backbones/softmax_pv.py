@@ -36,7 +36,7 @@ def softmax_dropout_pv(logits: jnp.ndarray, keep: Optional[jnp.ndarray], v: jnp.
     return _fwd(logits, keep, v, rate, dot_dtype)[0]
 
 
-def _dropped(p, keep, rate, dot_dtype):
+def dropped(p, keep, rate, dot_dtype):
     """[B, H, T, S] probabilities -> the dropped, rescaled probabilities in `dot_dtype`."""
     p = p.astype(jnp.float32)
     if keep is not None:
@@ -47,24 +47,30 @@ def _dropped(p, keep, rate, dot_dtype):
 def _fwd(logits, keep, v, rate, dot_dtype):
     p = jax.nn.softmax(logits, axis=-1)  # [B, H, T, S] float32
     vd = v.astype(dot_dtype)
-    out = bdot_f32(_dropped(p, keep, rate, dot_dtype), vd)  # [B, H, T, Dh]
+    out = bdot_f32(dropped(p, keep, rate, dot_dtype), vd)  # [B, H, T, Dh]
     return out, (p.astype(dot_dtype), keep, vd, jnp.zeros((0,), v.dtype))
 
 
 def _bwd(rate, dot_dtype, res, g):
     pb, keep, vb, v_like = res  # P and V in dot_dtype
     pb, vb = not_before(pb, g, 2), not_before(vb, g, 2)  # see grad_barrier.not_before
-    gb = g.astype(dot_dtype)  # [B, H, T, Dh]
+    dlogits, dvt = backward_from_probs(pb.astype(jnp.float32), keep, vb, g.astype(dot_dtype), rate, dot_dtype)
+    return dlogits, None, materialized_transpose(dvt).astype(v_like.dtype)
+
+
+def backward_from_probs(p, keep, vd, gd, rate, dot_dtype):
+    """The backward of softmax, dropout and PV from the probabilities p [B, H, T, S] float32,
+    the keep mask (or None), vd [B, H, S, Dh] and the cotangent gd [B, H, T, Dh] (both in
+    dot_dtype) -> (dlogits [B, H, T, S], dV^T [B, H, Dh, S]), float32. Shared with
+    recompute_attention, which rebuilds p instead of keeping it."""
     # dV^T = g^T P_drop: P_drop is the right-hand operand as it is ([.., T, S]), so no transposed
-    # copy of it is written. dV^T is transposed back written out: XLA folds a plain transpose
-    # into the dot, and that non-canonical bf16 dot has no XLA:CPU kernel (a runtime error)
-    dvt = bdot_f32(materialized_transpose(gb), _dropped(pb, keep, rate, dot_dtype))  # [B, H, Dh, S]
-    dp = bdot_f32(gb, materialized_transpose(vb))  # [B, H, T, S] float32
+    # copy of it is written. dV^T is transposed back by the caller, written out: XLA folds a plain
+    # transpose into the dot, and that non-canonical bf16 dot has no XLA:CPU kernel (a runtime error)
+    dvt = bdot_f32(materialized_transpose(gd), dropped(p, keep, rate, dot_dtype))  # [B, H, Dh, S]
+    dp = bdot_f32(gd, materialized_transpose(vd))  # [B, H, T, S] float32
     if keep is not None:
         dp = jnp.where(keep, dp * (1.0 / (1.0 - rate)), 0.0)
-    p = pb.astype(jnp.float32)
-    dlogits = p * (dp - (dp * p).sum(-1, keepdims=True))
-    return dlogits, None, materialized_transpose(dvt).astype(v_like.dtype)
+    return p * (dp - (dp * p).sum(-1, keepdims=True)), dvt
 
 
 softmax_dropout_pv.defvjp(_fwd, _bwd)
