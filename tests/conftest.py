@@ -14,9 +14,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # One persistent XLA compilation cache for the session, shared with every subprocess the tests
 # start: most CLI tests compile the same smoke programs, and a warm cache halves a smoke run
 # (13.9 s -> 6.7 s measured). Results are unchanged: the cache is keyed by the program and flags.
-_CACHE = tempfile.mkdtemp(prefix="adapters_jax_test_xla_cache_")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+# Under pytest-xdist the controller loads this file first, and its workers inherit the variable:
+# they share its cache, and only the process that made the folder removes it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="adapters_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
