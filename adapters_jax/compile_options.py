@@ -1,33 +1,87 @@
-"""XLA options for forward-only programs (inference, evaluation, serving).
+"""Per-program XLA:CPU options for forward-only programs and for train steps.
 
-Why: XLA:CPU hands dots to YNNPACK and, by default, also fuses reductions and elementwise work
-around them into YNNPACK fusions. In a forward pass nothing is kept for a backward, so XLA
-fuses whole chains (a dot, the bias add, GELU, the next dot, the residual add and LayerNorm's
-reductions, and a bottleneck adapter's small ops) into such fusions, which ran slower than
-XLA's own loops. Keeping YNNPACK to dots (`forward_jit`) measured, MiniLM at 32 x 128 on the
-2-core CPU, in one process, base / Houlsby r=64 forward: bf16 398 / 445 -> 384 / 397 ms
-(Houlsby's overhead over the base 11.7% -> 3.5%), float32 635 / 690 -> 633 / 667 ms. In a train
-step the default was faster (dots only: 1.19x slower), so train steps keep it.
-Other backends ignore the option and get plain `jax.jit`.
+Why, forward programs: XLA:CPU hands dots to YNNPACK and, by default, also fuses reductions and
+elementwise work around them into YNNPACK fusions. In a forward pass nothing is kept for a
+backward, so XLA fuses whole chains (a dot, the bias add, GELU, the next dot, the residual add
+and LayerNorm's reductions, and a bottleneck adapter's small ops) into such fusions, which ran
+slower than XLA's own loops. Keeping YNNPACK to dots (`forward_jit`) measured, MiniLM at 32 x 128
+on a 2-core CPU, in one process, base / Houlsby r=64 forward: bf16 398 / 445 -> 384 / 397 ms,
+float32 635 / 690 -> 633 / 667 ms. In a train step that default was faster (dots only: 1.19x
+slower), so train steps keep it.
+
+Why, oneDNN for float32 dots: on the 2-core AVX2 EPYC, XLA's batched attention dots ran at 24-57
+GFLOP/s where PyTorch's oneDNN reached 75-95. Handing every float32 dot (dense and batched) to
+oneDNN's library fusions measured, in one process: Houlsby r=64 train step 1.944 -> 1.637 s,
+full fine-tuning 3.204 -> 2.559 s, float32 forward at 32 x 128 base / Houlsby 878 / 929 -> 726 /
+797 ms; batch 1 and bf16 programs were unchanged or slower (bf16 forward +2-4%), so bf16 keeps
+the default. At 32 x 32 and 32 x 64 the train step gained only 4% and 2%. XLA cannot write a
+program with oneDNN fusions to JAX's persistent compilation cache ("ToProto is not implemented
+for thunk kind: onednn-fusion"), and on the default bucketed Rotten Tomatoes run (1 epoch) the
+lost cache cost more than the dots gained: 194 s warm without oneDNN, 202-212 s with it. So
+`ADAPTERS_JAX_CPU_ONEDNN` picks: "1" on, "0" off, unset ("auto") on unless a persistent
+compilation cache is set (`experiments.train` sets one by default; the benchmark does not).
+x86-64 only (XLA's oneDNN build). Other backends ignore all of this and get plain `jax.jit`.
 """
 from __future__ import annotations
 
-from typing import Callable
+import os
+import platform
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
-# the YNNPACK fusion kinds XLA:CPU may form in a forward program: dots only
-FORWARD_YNN_FUSION_TYPES = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_DOT"
+# the library fusion kinds that hold dots alone: YNNPACK's in a forward program, oneDNN's for float32
+DOT_FUSION_TYPES = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_DOT"
+ONEDNN_ENV = "ADAPTERS_JAX_CPU_ONEDNN"  # "1" on, "0" off, unset or "auto": on without a compile cache
 
 
-def forward_compiler_options() -> dict:
-    """Per-program XLA options for forward-only programs on the default backend ({} off CPU)."""
+def onednn_enabled() -> bool:
+    """Whether float32 CPU programs hand their dots to oneDNN (ADAPTERS_JAX_CPU_ONEDNN, above)."""
+    setting = os.environ.get(ONEDNN_ENV, "auto")
+    if setting not in ("0", "1", "auto"):
+        raise ValueError(f"{ONEDNN_ENV}={setting!r} must be '1', '0' or 'auto'")
+    if setting == "auto":
+        return not jax.config.jax_compilation_cache_dir  # its programs could not be cached
+    return setting == "1"
+
+
+def onednn_dot_options(dtype: Any) -> dict:
+    """XLA:CPU options that run a program's dots in oneDNN: float32 programs on x86-64, else {}."""
+    if (jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32
+            or platform.machine().lower() not in ("x86_64", "amd64") or not onednn_enabled()):
+        return {}
+    return {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": DOT_FUSION_TYPES}
+
+
+def describe(dtype: Any) -> str:
+    """One line for run logs: which library runs this run's dots on CPU."""
+    if jax.default_backend() != "cpu":
+        return f"dots: {jax.default_backend()} backend"
+    lib = "oneDNN" if onednn_dot_options(dtype) else "XLA's default (YNNPACK/Eigen)"
+    why = os.environ.get(ONEDNN_ENV, "auto")
+    if why == "auto":
+        why += ", compile cache " + ("set" if jax.config.jax_compilation_cache_dir else "unset")
+    return f"CPU dots ({jnp.dtype(dtype).name}): {lib} ({ONEDNN_ENV}={why})"
+
+
+def forward_compiler_options(dtype: Any) -> dict:
+    """Options for a forward-only program computing in `dtype` ({} off CPU)."""
     if jax.default_backend() != "cpu":
         return {}
-    return {"xla_cpu_experimental_ynn_fusion_type": FORWARD_YNN_FUSION_TYPES}
+    return {"xla_cpu_experimental_ynn_fusion_type": DOT_FUSION_TYPES, **onednn_dot_options(dtype)}
 
 
-def forward_jit(fn: Callable, **jit_kwargs) -> Callable:
-    """`jax.jit(fn, **jit_kwargs)` with `forward_compiler_options()`: for inference and eval
-    programs, never for train steps."""
-    return jax.jit(fn, compiler_options=forward_compiler_options() or None, **jit_kwargs)
+def train_compiler_options(dtype: Any) -> dict:
+    """Options for a train step computing in `dtype` ({} off CPU and for bf16)."""
+    return onednn_dot_options(dtype)
+
+
+def forward_jit(fn: Callable, *, dtype: Any, **jit_kwargs) -> Callable:
+    """`jax.jit` with `forward_compiler_options(dtype)`: inference and eval, never train steps."""
+    return jax.jit(fn, compiler_options=forward_compiler_options(dtype) or None, **jit_kwargs)
+
+
+def train_jit(fn: Callable, *, dtype: Any, **jit_kwargs) -> Callable:
+    """`jax.jit` with `train_compiler_options(dtype)`: for train steps."""
+    return jax.jit(fn, compiler_options=train_compiler_options(dtype) or None, **jit_kwargs)

@@ -6,7 +6,7 @@ largest divisible dimension. The state is donated, so the step updates it in pla
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -70,11 +70,13 @@ def put_batch(local_batch: dict, mesh: Mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 
 
-def jit_step(step_fn: Callable, shardings, mesh: Mesh) -> Callable:
-    """jit(step) with explicit in/out shardings and the state donated."""
+def jit_step(step_fn: Callable, shardings, mesh: Mesh, compiler_options: Optional[dict] = None) -> Callable:
+    """jit(step) with explicit in/out shardings and the state donated; `compiler_options` are
+    per-program XLA options (`compile_options.train_compiler_options`)."""
     replicated = NamedSharding(mesh, P())
     return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
-                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+                   out_shardings=(shardings, replicated), donate_argnums=(0,),
+                   compiler_options=compiler_options or None)
 
 
 # --- pmap: the same step, with gradients averaged over the 'batch' axis -------------------

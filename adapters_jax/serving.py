@@ -111,7 +111,7 @@ class AdapterServer:
             def run(params, batch):
                 self.compiles += 1  # counts traces: once per architecture and padded input shape
                 return model.apply({"params": params}, batch)
-            self._programs[key] = forward_jit(run)
+            self._programs[key] = forward_jit(run, dtype=self.backbone.model.dtype)
         return self._programs[key]
 
     def _encode(self, texts: Sequence[str]) -> dict:
@@ -144,7 +144,7 @@ class AdapterServer:
                 self.compiles += 1
                 return backbone.apply({"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"],
                                       adapter_ids=adapter_ids)
-            self._programs[key] = forward_jit(run)
+            self._programs[key] = forward_jit(run, dtype=self.backbone.model.dtype)
         outputs = self._programs[key](params, batch, ids)
         logits = []
         for row, n in enumerate(adapters):

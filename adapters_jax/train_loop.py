@@ -13,13 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adapters_jax import checkpoint, metrics, optim, parallel, peft, report, rules, trainer
+from adapters_jax import checkpoint, compile_options, metrics, optim, parallel, peft, report, rules, trainer
 from adapters_jax.adapters import AdapterSetup, FusionConfig, spec_from_config
 from adapters_jax.adapters.from_exports import setup_from_exports
 from adapters_jax.adapters.fusion import regularization as fusion_regularization
 from adapters_jax.adapters.prefix import head_options
 from adapters_jax.backbones import attention
-from adapters_jax.compile_options import forward_jit
 from adapters_jax.data import make_datasets
 from adapters_jax.heads import BackboneLogits, ClassificationHead
 from adapters_jax.hub import adapter_sites, load_backbone
@@ -153,6 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     log.message(report.format_report(rep))
     log.message(f"workdir {workdir}: {'resuming from step ' + str(start) if start else 'starting'}; "
                 f"{total} steps, {data.steps_per_epoch} per epoch, {jax.device_count()} devices")
+    log.message(compile_options.describe(DTYPES[config.model.dtype]))
 
     step_fn, eval_fn, put_state, put_batch, get_metrics = make_steps(config, model, tx, state)
     state = put_state(state)
@@ -275,8 +275,10 @@ def make_steps(config, model, tx, state):
     parallel.check_batch(tr.batch_size, mesh, "train.batch_size")
     parallel.check_batch(tr.eval_batch_size, mesh, "train.eval_batch_size")
     sh = parallel.state_shardings(state, mesh, config.mesh.shard_frozen)
-    step = parallel.jit_step(trainer.make_train_step(model, tx, **kw), sh, mesh)
-    ev = forward_jit(eval_step)
+    dtype = DTYPES[config.model.dtype]
+    step = parallel.jit_step(trainer.make_train_step(model, tx, **kw), sh, mesh,
+                             compiler_options=compile_options.train_compiler_options(dtype))
+    ev = compile_options.forward_jit(eval_step, dtype=dtype)
     return (step, lambda s, b: ev(s.trainable, s.frozen, b), lambda s: parallel.put_state(s, sh),
             lambda b: parallel.put_batch(b, mesh), _mean)
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from adapters_jax import dropout, trainer
+from adapters_jax.compile_options import train_jit
 from experiments.bench_steps import MODELS, build
 
 flags.DEFINE_string("methods", "houlsby,full", "comma-separated methods (experiments.bench_steps.METHODS)")
@@ -40,7 +41,8 @@ def compiled_step(method: str, mask: str, drop: bool):
     model, tx, state, batch, _, _ = build(cfg, method, jnp.float32, FLAGS.batch, FLAGS.seq)
     previous = dropout.set_mask_impl(mask)
     try:
-        step = jax.jit(trainer.make_train_step(model, tx), donate_argnums=(0,)).lower(state, batch).compile()
+        step = train_jit(trainer.make_train_step(model, tx), dtype=jnp.float32,
+                         donate_argnums=(0,)).lower(state, batch).compile()
     finally:
         dropout.set_mask_impl(previous)
     return step, state, batch

@@ -46,7 +46,8 @@ def build_variant(cfg: BertConfig, name: str, batch: int, seq: int, dtype):
     if name.endswith("_merged"):
         params, spec = merge_lora(params, spec)
         model = BertModel(cfg, filler=spec if spec.placements else None, dtype=dtype)
-    fn = forward_jit(lambda p: model.apply({"params": p}, ids, mask, deterministic=True)["last_hidden_state"])
+    fn = forward_jit(lambda p: model.apply({"params": p}, ids, mask, deterministic=True)["last_hidden_state"],
+                     dtype=dtype)
     fn(params).block_until_ready()  # compile
     return lambda: fn(params).block_until_ready()
 

@@ -32,6 +32,7 @@ from absl import app, flags
 from adapters_jax.adapters import spec_from_config
 from adapters_jax.backbones import attention
 from adapters_jax.backbones.bert import BertConfig, BertModel
+from adapters_jax.compile_options import forward_jit
 from experiments import host_malloc
 from experiments.bench_steps import METHODS, MODELS, bench, matmul_peak
 
@@ -108,8 +109,9 @@ def mixed_vs_single(cfg: BertConfig, n_tasks: int) -> dict:
     mixed = BertModel(cfg, filler=setup)
     p1 = jax.jit(lambda r: single.init(r, ids, mask)["params"])(jax.random.PRNGKey(0))
     pn = jax.jit(lambda r: mixed.init(r, ids, mask, adapter_ids=task_ids)["params"])(jax.random.PRNGKey(0))
-    f1 = jax.jit(lambda p: single.apply({"params": p}, ids, mask)["last_hidden_state"])
-    fn = jax.jit(lambda p: mixed.apply({"params": p}, ids, mask, adapter_ids=task_ids)["last_hidden_state"])
+    f1 = forward_jit(lambda p: single.apply({"params": p}, ids, mask)["last_hidden_state"], dtype=jnp.float32)
+    fn = forward_jit(lambda p: mixed.apply({"params": p}, ids, mask, adapter_ids=task_ids)["last_hidden_state"],
+                     dtype=jnp.float32)
     f1(p1).block_until_ready(), fn(pn).block_until_ready()
     t1, tn = [], []
     for _ in range(FLAGS.steps):

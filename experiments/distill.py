@@ -24,7 +24,7 @@ from absl import app, flags
 from flax import traverse_util
 
 from adapters_jax import checkpoint, metrics, optim
-from adapters_jax.compile_options import forward_jit
+from adapters_jax.compile_options import forward_jit, train_jit
 from adapters_jax.data import make_datasets
 from adapters_jax.distillation import distill_loss
 from adapters_jax.heads import ClassificationHead
@@ -75,11 +75,11 @@ def make_step(student, teacher, teacher_params, tx, temperature: float, label_we
         (loss, kl), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, {"loss": loss, "kl": kl}
-    return jax.jit(step, donate_argnums=(0, 1))
+    return train_jit(step, dtype=jnp.float32, donate_argnums=(0, 1))  # distillation runs in float32
 
 
 def accuracy(model, params, eval_batches, num_labels: int) -> float:
-    fwd = forward_jit(lambda p, b: jnp.argmax(model.apply({"params": p}, b), -1))
+    fwd = forward_jit(lambda p, b: jnp.argmax(model.apply({"params": p}, b), -1), dtype=jnp.float32)
     preds, labels, weights = [], [], []
     for b in eval_batches:
         inputs = {k: v for k, v in b.items() if k not in ("example_index", "labels", "weights")}
@@ -96,7 +96,7 @@ def latency_ms(models: dict, batch: int, seq: int, reps: int = 10) -> dict:
     inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     fns = {}
     for name, (model, params) in models.items():
-        f = forward_jit(lambda p, m=model: m.apply({"params": p}, inputs))
+        f = forward_jit(lambda p, m=model: m.apply({"params": p}, inputs), dtype=jnp.float32)
         f(params).block_until_ready()
         fns[name] = (f, params)
     times = {name: [] for name in fns}

@@ -1,13 +1,15 @@
 """Run as a script with XLA_FLAGS=--xla_force_host_platform_device_count=8: trains a tiny
 adapted model 5 steps on 1 device, with jit over an 8-device mesh (plain and fsdp-sharded
-frozen params) and with pmap, and prints the max differences as JSON."""
+frozen params, and with float32 dots in oneDNN) and with pmap, and prints the max differences as JSON."""
 import json
+import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from adapters_jax import optim, parallel, peft, rules, trainer
+from adapters_jax import compile_options, optim, parallel, peft, rules, trainer
 from adapters_jax.adapters.presets import spec_from_config
 from adapters_jax.backbones.bert import BertConfig, BertModel
 from adapters_jax.heads import ClassificationHead
@@ -39,11 +41,14 @@ def main():
         losses_one.append(float(m["loss"]))
 
     results = {}
-    for name, fsdp, shard_frozen in (("jit_data8", 1, False), ("jit_data4_fsdp2", 2, True)):
+    os.environ[compile_options.ONEDNN_ENV] = "1"  # the mesh step with float32 dots in oneDNN too (x86)
+    onednn = compile_options.train_compiler_options(jnp.float32)
+    for name, fsdp, shard_frozen, options in (("jit_data8", 1, False, None), ("jit_data4_fsdp2", 2, True, None),
+                                              ("jit_data8_onednn", 1, False, onednn)):
         mesh = parallel.make_mesh(fsdp)
         sh = parallel.state_shardings(fresh(), mesh, shard_frozen)
         state = parallel.put_state(fresh(), sh)
-        jstep = parallel.jit_step(step, sh, mesh)
+        jstep = parallel.jit_step(step, sh, mesh, compiler_options=options)
         losses = []
         for b in batches:
             state, m = jstep(state, parallel.put_batch(b, mesh))

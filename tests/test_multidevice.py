@@ -11,7 +11,7 @@ def test_jit_and_pmap_on_8_cpu_devices_match_one_device():
                          text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(results) == {"jit_data8", "jit_data4_fsdp2", "pmap8"}
+    assert set(results) == {"jit_data8", "jit_data4_fsdp2", "jit_data8_onednn", "pmap8"}
     for name, r in results.items():
         assert r["loss_moved"] > 1e-4, (name, r)  # the runs really trained
         assert r["loss"] <= 1e-5 and r["params"] <= 1e-5, (name, r)
