@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 
 import jax
@@ -32,7 +33,7 @@ from absl import app, flags
 from adapters_jax.adapters import spec_from_config
 from adapters_jax.backbones import attention
 from adapters_jax.backbones.bert import BertConfig, BertModel
-from adapters_jax.compile_options import forward_jit
+from adapters_jax.compile_options import describe, forward_jit
 from experiments import host_malloc
 from experiments.bench_steps import METHODS, MODELS, bench, matmul_peak
 
@@ -164,7 +165,7 @@ def plot(path: str, rows: list[dict], torch_rows: list[dict], title: str) -> Non
     if not timed:
         return
     torch_by = {r["method"]: r for r in torch_rows}
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(10, 4.6))
     ax1, ax2 = fig.subplots(1, 2)
     x = np.arange(len(timed))
     ax1.bar(x - 0.2, [r["step_s"] for r in timed], 0.4, label="adapters_jax")
@@ -176,7 +177,7 @@ def plot(path: str, rows: list[dict], torch_rows: list[dict], title: str) -> Non
     ax2.bar(x, [r["peak_rss_mib"] for r in timed])
     ax2.set_xticks(x, [r["method"] for r in timed], rotation=45, ha="right")
     ax2.set_ylabel("peak host RSS, MiB")
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=9)  # the title names every setting: wrap it
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -209,7 +210,7 @@ def main(argv):
     title = (f"{FLAGS.model} batch {FLAGS.batch} x {FLAGS.seq}, {FLAGS.dtype}, {jax.device_count()} "
              f"{jax.devices()[0].platform} device(s), {os.cpu_count()} CPU threads, "
              f"matmul peak {peak / 1e9:.0f} GFLOP/s, frozen base {jnp.dtype(frozen).name}, malloc {FLAGS.malloc}, "
-             f"attention backward {FLAGS.attention_backward}")
+             f"attention backward {FLAGS.attention_backward}, {describe(dtype)}")
     print(title, flush=True)
     rows = []
     for i, method in enumerate(methods):
@@ -226,7 +227,7 @@ def main(argv):
     result = {"model": FLAGS.model, "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
               "cpu_threads": os.cpu_count(), "matmul_peak_gflops": peak / 1e9, "malloc": FLAGS.malloc,
               "frozen_dtype": jnp.dtype(frozen).name, "attention_backward": FLAGS.attention_backward,
-              "rows": rows, "adapterhub": torch_rows}
+              "dots": describe(dtype), "rows": rows, "adapterhub": torch_rows}
     if FLAGS.inference:
         from experiments import bench_inference
         inf = bench_inference.latency_table(cfg, seq=FLAGS.seq, reps=FLAGS.steps, dtype=dtype)
