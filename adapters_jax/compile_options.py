@@ -14,12 +14,15 @@ GFLOP/s where PyTorch's oneDNN reached 75-95. Handing every float32 dot (dense a
 oneDNN's library fusions measured, in one process: Houlsby r=64 train step 1.944 -> 1.637 s,
 full fine-tuning 3.204 -> 2.559 s, float32 forward at 32 x 128 base / Houlsby 878 / 929 -> 726 /
 797 ms; batch 1 and bf16 programs were unchanged or slower (bf16 forward +2-4%), so bf16 keeps
-the default. At 32 x 32 and 32 x 64 the train step gained only 4% and 2%. XLA cannot write a
-program with oneDNN fusions to JAX's persistent compilation cache ("ToProto is not implemented
-for thunk kind: onednn-fusion"), and on the default bucketed Rotten Tomatoes run (1 epoch) the
-lost cache cost more than the dots gained: 194 s warm without oneDNN, 202-212 s with it. So
-`ADAPTERS_JAX_CPU_ONEDNN` picks: "1" on, "0" off, unset ("auto") on unless a persistent
-compilation cache is set (`experiments.train` sets one by default; the benchmark does not).
+the default. At 32 x 32 and 32 x 64 the train step gained only 4% and 2%.
+It is opt-in (`ADAPTERS_JAX_CPU_ONEDNN=1`; default off) for two reasons. XLA's oneDNN fusions
+are experimental, and in this jaxlib (0.10.2) isolated batched float32 dots such as
+[b, 384, 1024] @ [b, 1024, 64] hung for several b and once aborted with "double free or
+corruption" (2-core EPYC; the MiniLM train and forward programs ran hundreds of steps without
+a fault, but an arbitrary model's dots are not those). And XLA cannot write a program with
+oneDNN fusions to JAX's persistent compilation cache ("ToProto is not implemented for thunk
+kind: onednn-fusion"): on the default bucketed Rotten Tomatoes run (1 epoch) the lost cache cost
+more than the dots gained, 194 s warm without oneDNN against 202-212 s with it.
 x86-64 only (XLA's oneDNN build). Other backends ignore all of this and get plain `jax.jit`.
 """
 from __future__ import annotations
@@ -33,16 +36,14 @@ import jax.numpy as jnp
 
 # the library fusion kinds that hold dots alone: YNNPACK's in a forward program, oneDNN's for float32
 DOT_FUSION_TYPES = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_DOT"
-ONEDNN_ENV = "ADAPTERS_JAX_CPU_ONEDNN"  # "1" on, "0" off, unset or "auto": on without a compile cache
+ONEDNN_ENV = "ADAPTERS_JAX_CPU_ONEDNN"  # "1": float32 dots in oneDNN (experimental); "0" or unset: off
 
 
 def onednn_enabled() -> bool:
-    """Whether float32 CPU programs hand their dots to oneDNN (ADAPTERS_JAX_CPU_ONEDNN, above)."""
-    setting = os.environ.get(ONEDNN_ENV, "auto")
-    if setting not in ("0", "1", "auto"):
-        raise ValueError(f"{ONEDNN_ENV}={setting!r} must be '1', '0' or 'auto'")
-    if setting == "auto":
-        return not jax.config.jax_compilation_cache_dir  # its programs could not be cached
+    """Whether float32 CPU programs hand their dots to oneDNN (opt-in: see the module docstring)."""
+    setting = os.environ.get(ONEDNN_ENV, "0")
+    if setting not in ("0", "1"):
+        raise ValueError(f"{ONEDNN_ENV}={setting!r} must be '1' (oneDNN dots) or '0' (XLA's default)")
     return setting == "1"
 
 
@@ -58,11 +59,8 @@ def describe(dtype: Any) -> str:
     """One line for run logs: which library runs this run's dots on CPU."""
     if jax.default_backend() != "cpu":
         return f"dots: {jax.default_backend()} backend"
-    lib = "oneDNN" if onednn_dot_options(dtype) else "XLA's default (YNNPACK/Eigen)"
-    why = os.environ.get(ONEDNN_ENV, "auto")
-    if why == "auto":
-        why += ", compile cache " + ("set" if jax.config.jax_compilation_cache_dir else "unset")
-    return f"CPU dots ({jnp.dtype(dtype).name}): {lib} ({ONEDNN_ENV}={why})"
+    lib = "oneDNN (experimental)" if onednn_dot_options(dtype) else "XLA's default (YNNPACK/Eigen)"
+    return f"CPU dots ({jnp.dtype(dtype).name}): {lib}, {ONEDNN_ENV}={os.environ.get(ONEDNN_ENV, '0')}"
 
 
 def forward_compiler_options(dtype: Any) -> dict:
