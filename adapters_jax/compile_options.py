@@ -47,10 +47,14 @@ def onednn_enabled() -> bool:
     return setting == "1"
 
 
+def onednn_available() -> bool:
+    """XLA:CPU ships oneDNN on x86-64 only."""
+    return jax.default_backend() == "cpu" and platform.machine().lower() in ("x86_64", "amd64")
+
+
 def onednn_dot_options(dtype: Any) -> dict:
     """XLA:CPU options that run a program's dots in oneDNN: float32 programs on x86-64, else {}."""
-    if (jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32
-            or platform.machine().lower() not in ("x86_64", "amd64") or not onednn_enabled()):
+    if not onednn_available() or jnp.dtype(dtype) != jnp.float32 or not onednn_enabled():
         return {}
     return {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": DOT_FUSION_TYPES}
 

@@ -44,7 +44,8 @@ def matmul_peak(dtype=jnp.float32, n: int = 2048, reps: int = 5) -> float:
     dot library and, where train steps use it, oneDNN's, so that MFU is against the faster."""
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
     times = []
-    for options in ({}, onednn_dot_options(dtype)) if onednn_dot_options(dtype) else ({},):
+    onednn = onednn_dot_options(dtype)
+    for options in [{}] + ([onednn] if onednn else []):
         f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32), compiler_options=options or None)
         f(a, a).block_until_ready()
         for _ in range(reps):
