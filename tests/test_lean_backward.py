@@ -70,6 +70,20 @@ def test_gelu_backward_holds_only_its_bf16_input_per_layer():
     assert per_layer < 3.5 * elements, per_layer / elements
 
 
+def test_float32_gelu_backward_writes_into_its_cotangent():
+    """The input gradient of a float32 FFN with frozen weights, x [B, T, D] -> gelu(x W1) W2:
+    XLA holds GELU's input and the cotangent g W2^T ([N, F] each) and writes GELU's backward
+    into g's buffer. With a sliced read of g (`not_before`) or a [B, T, F] bitcast between the
+    dot and the fusion, it allocated a third [N, F] array (3.1 against 2.25 of them here)."""
+    d, f, shape = 64, 512, (4, 128)
+    w1 = jnp.full((d, f), 0.01, jnp.float32)
+    w2 = jnp.full((f, d), 0.01, jnp.float32)
+    x = jnp.zeros(shape + (d,), jnp.float32)
+    temp = jax.jit(jax.grad(lambda x: (gelu_exact(x @ w1) @ w2).sum())).lower(x).compile(
+        ).memory_analysis().temp_size_in_bytes
+    assert temp < 2.7 * 4 * shape[0] * shape[1] * f, temp / (4 * shape[0] * shape[1] * f)
+
+
 def test_layer_norm_gradients_match_float64():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(3, 5, 48)) * 2 + 1, jnp.float32)  # [B, T, D], non-zero mean

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from adapters_jax.adapters.activated_dense import ActivatedDense
 from adapters_jax.backbones import mixed_dense
 from adapters_jax.backbones.mixed_dense import is_bf16
 from adapters_jax.dropout import Dropout
@@ -112,6 +113,7 @@ def bottleneck(module: nn.Module, c: BottleneckConfig, z, deterministic: bool, d
     backbone's (its sublayer output's dtype; None: z's); bf16 makes the projections bf16 dots.
     """
     d = z.shape[-1]
+    activated_up = None  # the up projection of f(pre) when it is a plain Dense
     if proj is None:
         down_init, up_init = _inits(c)
         inits = {"down": down_init, "up": up_init}
@@ -127,12 +129,19 @@ def bottleneck(module: nn.Module, c: BottleneckConfig, z, deterministic: bool, d
         proj = lambda feats, name: (mixed_dense.Dense(
             feats, use_bias=c.use_bias, dtype=mm_dtype,
             kernel_init=inits[name], name=name))
+        if c.activation not in ("identity", "linear"):  # f(pre) is recomputed in the backward
+            activated_up = ActivatedDense(d, activation=ACTIVATIONS[c.activation], use_bias=c.use_bias,
+                                          dtype=mm_dtype, kernel_init=inits["up"], name="up")
     if c.ln_before:
         z = nn.LayerNorm(epsilon=1e-5, dtype=dtype, name="ln_before")(z)
-    h = ACTIVATIONS[c.activation](proj(c.dim(d), "down")(z).astype(dtype))  # [B, T, r]
+    pre = proj(c.dim(d), "down")(z).astype(dtype)  # [B, T, r]
     # [B, T, D]; scaling and dropout in the adapter's dtype: a learned scaling's gradient then sums
     # over the rows in float32 (a bf16 sum was 4.5% off float64 at 32 x 128; see ia3.scale_features)
-    up = proj(d, "up")(h).astype(dtype)
+    if activated_up is None:
+        up = proj(d, "up")(ACTIVATIONS[c.activation](pre))
+    else:
+        up = activated_up(pre)
+    up = up.astype(dtype)
     if c.scaling == "learned":
         up = up * module.param("scaling", nn.initializers.ones, (1,)).astype(up.dtype)
     elif c.scaling == "channel":

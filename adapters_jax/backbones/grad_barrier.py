@@ -48,3 +48,12 @@ def not_before(x: jnp.ndarray, g: jnp.ndarray, trailing: int = 1) -> jnp.ndarray
     """
     zero = (g[(Ellipsis,) + (slice(0, 1),) * min(trailing, g.ndim)] * 0).astype(x.dtype)
     return x + zero
+
+
+def not_before_elementwise(x: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
+    """x + 0 * g for x and g of one shape, flattened to [rows, last axis]: as `not_before`, and
+    the fusion that consumes the result reads g only elementwise, so XLA may write that fusion's
+    output into g's buffer (with `not_before`'s sliced read, or a bitcast to [B, T, F] between g
+    and the fusion, it allocates a new one). Returns the flattened x; reshape the result back."""
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])  # [N, F]
+    return x2 + (g2 * 0).astype(x.dtype)
