@@ -1,5 +1,7 @@
 """mixed_dense: float32 is nn.Dense exactly; bf16 matches a float64 reference of the rounded
 operands, forward and backward; and every dot of its gradient stays a bf16 dot on XLA:CPU."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -265,3 +267,53 @@ def test_inference_attention_matches_float64(with_bias, dtype):
     if jax.default_backend() == "cpu":
         short = {"bfloat16": "bf16", "float32": "f32"}[dtype]
         assert dot_operand_types(f, cast(q), cast(k), cast(v)) == [f"{short}x{short}"] * 2
+
+
+@pytest.mark.parametrize("k,n", [(96, 8), (8, 96), (48, 48)])
+def test_float32_matmul_matches_float64_and_keeps_autodiffs_residuals(k, n):
+    """`float32_matmul` (float32 Dense layers on XLA:CPU): dx and dW of a [B, T, K] input match
+    float64 autodiff, and as with autodiff a frozen kernel keeps no input, a constant input no
+    kernel."""
+    from jax._src.ad_checkpoint import saved_residuals
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(3, 40, k)), jnp.float32)  # [B, T, K]
+    w = jnp.asarray(rng.normal(size=(k, n)), jnp.float32)  # [K, N]
+    r = rng.normal(size=(40, n))  # broadcast over the batch (a shape no residual has)
+    loss = lambda x, w: jnp.sum(mixed_dense.float32_matmul(x, w) * jnp.asarray(r, jnp.float32))
+    gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
+    with jax.enable_x64(True):
+        x64, w64 = jnp.asarray(np.asarray(x, np.float64)), jnp.asarray(np.asarray(w, np.float64))
+        gx_ref, gw_ref = jax.grad(lambda x, w: jnp.sum((x @ w) * r), argnums=(0, 1))(x64, w64)
+    for got, want in ((gx, gx_ref), (gw, gw_ref)):
+        want = np.asarray(want)
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5 * np.abs(want).max())
+    kept = lambda f, *a: sorted(s.shape for s, _ in saved_residuals(f, *a) if s.shape in (x.shape, w.shape))
+    assert kept(lambda w: loss(x, w), w) == [x.shape]
+    assert kept(lambda x: loss(x, w), x) == [w.shape]
+
+
+@pytest.mark.parametrize("k,n", [(96, 8), (8, 96)])
+def test_float32_weight_gradient_dot_has_the_narrow_side_as_rows(k, n):
+    """XLA:CPU ran [4096, 384]^T [4096, 64] at half the rate of its transpose [64, 384]: the
+    weight-gradient dot's result is [min(K, N), max(K, N)] either way round (autodiff's is
+    [K, N])."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the layout is chosen for XLA:CPU")
+    x, w = jnp.ones((4, 64, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+    text = jax.jit(jax.grad(lambda w: mixed_dense.float32_matmul(x, w).sum())).lower(w).compile().as_text()
+    shapes = re.findall(r"= f32\[(\d+),(\d+)\]\{1,0\} dot\(", text)
+    assert shapes == [(str(min(k, n)), str(max(k, n)))], shapes
+
+
+def test_float32_trained_ffn_frees_its_gelu_output_before_dx():
+    """The gradient of both kernels of gelu(x W1) W2 ([4, 128] rows, F = 512): the backward
+    computes dW2 before dx, so GELU's output (W2's input) is freed before the [N, F] dx is
+    written. XLA's scheduler wrote dx first (3.0 against 2.25 [N, F] arrays here)."""
+    from adapters_jax.backbones.gelu import gelu_exact
+    d, f, shape = 64, 512, (4, 128)
+    w1, w2 = jnp.full((d, f), 0.01, jnp.float32), jnp.full((f, d), 0.01, jnp.float32)
+    x = jnp.zeros(shape + (d,), jnp.float32)
+    loss = lambda w1, w2: mixed_dense.float32_matmul(gelu_exact(mixed_dense.float32_matmul(x, w1)), w2).sum()
+    temp = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w1, w2).compile().memory_analysis().temp_size_in_bytes
+    nf = 4 * shape[0] * shape[1] * f
+    assert temp < 2.6 * nf, temp / nf

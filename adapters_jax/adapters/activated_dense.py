@@ -26,7 +26,8 @@ def _dot(h: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     return lax.dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ())))
 
 
-MATMULS: Dict[str, Callable] = {"dot": _dot, "mixed": mixed_dense.mixed_matmul}
+MATMULS: Dict[str, Callable] = {"dot": _dot, "float32": mixed_dense.float32_matmul,
+                                "mixed": mixed_dense.mixed_matmul}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -65,7 +66,8 @@ class ActivatedDense(mixed_dense.Dense):
                 if self.use_bias else None)
         if not mixed_dense.use_cpu_bf16_kernels(self.dtype):
             inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-            y = activated_matmul(self.activation, "dot", inputs, kernel)
+            matmul = "float32" if mixed_dense.use_cpu_float32_matmul(inputs.dtype, self.precision) else "dot"
+            y = activated_matmul(self.activation, matmul, inputs, kernel)
             return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         y = activated_matmul(self.activation, "mixed", inputs, kernel)  # [..., D] float32
         if bias is not None:

@@ -35,7 +35,8 @@ import numpy as np
 from flax import traverse_util
 
 from adapters_jax.backbones import mixed_dense, sites
-from adapters_jax.backbones.mixed_dense import mixed_matmul, use_cpu_bf16_kernels
+from adapters_jax.backbones.mixed_dense import (float32_matmul, mixed_matmul, use_cpu_bf16_kernels,
+                                               use_cpu_float32_matmul)
 from adapters_jax.dropout import Dropout
 
 INITS = ("kaiming", "gaussian")
@@ -84,8 +85,10 @@ class LoRAFactors(nn.Module):
         if use_cpu_bf16_kernels(dtype):  # canonical bf16 dots, float32 accumulation (mixed_dense)
             h = mixed_matmul(x, a).astype(dtype)  # [..., r]
             return (mixed_matmul(h, b) * c.scaling).astype(dtype)  # [..., out]
-        h = jnp.dot(x.astype(dtype), a.astype(dtype))  # [..., r]
-        return jnp.dot(h, b.astype(dtype)) * jnp.asarray(c.scaling, dtype)  # [..., out]
+        # float32 on XLA:CPU: dA's [in, r] result as the transpose of an [r, in] dot (weight_gradient)
+        dot = float32_matmul if use_cpu_float32_matmul(dtype) else jnp.dot
+        h = dot(x.astype(dtype), a.astype(dtype))  # [..., r]
+        return dot(h, b.astype(dtype)) * jnp.asarray(c.scaling, dtype)  # [..., out]
 
 
 class LoRADense(mixed_dense.Dense):

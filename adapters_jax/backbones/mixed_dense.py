@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from adapters_jax.backbones.grad_barrier import not_before
+
 
 def materialized_permute(a: jnp.ndarray, perm: tuple) -> jnp.ndarray:
     """jnp.transpose(a, perm) as an array XLA writes out, instead of folding the transpose into
@@ -85,6 +87,58 @@ def _bwd(res, g):
 mixed_matmul.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
+def weight_gradient(x: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
+    """dW = x^T g [K, N] from x [M, K] and g [M, N] (M rows, here 4096), with the narrower of K
+    and N as the rows of the dot's result: XLA:CPU's float32 kernels ran a narrow-output dot
+    (N = 64, or 8) at half the rate. Measured at M = 4096 on the 2-core EPYC (medians of 30):
+    [384, 64] 3.36 -> 2.34 ms, [384, 8] 1.83 -> 0.71, [1536, 384] 37.6 -> 34.6; with K < N
+    x^T g is the faster form (as autodiff writes it), so it stays."""
+    if x.shape[1] <= g.shape[1]:
+        return _dot_t(x, g)  # [K, N]
+    return materialized_transpose(_dot_t(g, x))  # [N, K] written out as [K, N]
+
+
+def _dot_t(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """a^T b: a [M, P], b [M, Q] -> [P, Q], contracting the rows."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def float32_matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """x [..., K] @ kernel [K, N] -> [..., N] as nn.Dense computes it; its backward computes dW
+    with `weight_gradient` and dx as autodiff does. For float32 on XLA:CPU."""
+    return _dense_dot(x, kernel)
+
+
+def _dense_dot(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))  # [..., N]
+
+
+def _f32_fwd(x, kernel):
+    """Keeps x only when the kernel is differentiated, the kernel only when x is (as autodiff)."""
+    res = (x.value if kernel.perturbed else None, kernel.value if x.perturbed else None,
+           jnp.zeros((0,) + kernel.value.shape, kernel.value.dtype))
+    return _dense_dot(x.value, kernel.value), res
+
+
+def _f32_bwd(res, g):
+    x, kernel, w_like = res
+    if isinstance(g, SymbolicZero):
+        return None, None
+    k, n = w_like.shape[1:]
+    dw = None if x is None else weight_gradient(x.reshape(-1, k), g.reshape(-1, n))  # [K, N]
+    if dw is not None and kernel is not None:
+        # dx after dW, so that x (the residual, a [N, F] GELU output at the FFN's second matmul)
+        # is freed before dx is written; XLA:CPU's scheduler put dx first (+14 MiB for full
+        # fine-tuning at MiniLM 32 x 128)
+        kernel = not_before(kernel, dw, trailing=2)
+    dx = None if kernel is None else lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))  # [..., K]
+    return dx, dw
+
+
+float32_matmul.defvjp(_f32_fwd, _f32_bwd, symbolic_zeros=True)
+
+
 def _canonical_bmm(dot_dtype):
     """Batched a [..., M, K] @ b [..., K, N] with `dot_dtype` inputs and float32 accumulation ->
     [..., M, N] float32, with canonical dots in its VJP too (attention's QK^T in training; PV is
@@ -129,6 +183,13 @@ def use_cpu_bf16_kernels(dtype) -> bool:
     return is_bf16(dtype) and jax.default_backend() == "cpu"
 
 
+def use_cpu_float32_matmul(dtype, precision=None) -> bool:
+    """True for float32 compute on XLA:CPU at default precision: `float32_matmul`'s weight
+    gradient layout is measured there; other backends keep autodiff's dot."""
+    return (jnp.dtype(dtype) == jnp.float32 and precision is None
+            and jax.default_backend() == "cpu")
+
+
 class Dense(nn.Dense):
     """nn.Dense (same parameters, same init) that routes bf16 compute on CPU through
     `mixed_matmul`: bf16 inputs, float32 accumulation and bias add, then the output cast to
@@ -142,8 +203,11 @@ class Dense(nn.Dense):
                 if self.use_bias else None)
         if not use_cpu_bf16_kernels(self.dtype):
             inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-            y = lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
-                                precision=self.precision)
+            if use_cpu_float32_matmul(inputs.dtype, self.precision):
+                y = float32_matmul(inputs, kernel)
+            else:
+                y = lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                                    precision=self.precision)
             return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         y = mixed_matmul(inputs, kernel)  # [..., N] float32
         if bias is not None:
