@@ -219,7 +219,8 @@ def saved_per_token(a: Arch, seq: int, s: int, sites: dict, cut: int, full: bool
         for p in range(4 * l, 4 * l + 4):
             kind, r = sites.get(p, (None, 0))
             if p % 2 and p >= cut:
-                b += at_site + (d * s + 16 * r if kind == "act" else 0)  # input (bf16 down proj), pre-act, 3 silu
+                # input (bf16 down proj) and the f32 pre-activation (activated_dense rebuilds f(pre))
+                b += at_site + (d * s + 4 * r if kind == "act" else 0)
             elif kind == "dense" and p >= cut:
                 b += d * s + r * s  # LoRA: input and A-output (estimate)
         layers.append(b)

@@ -22,7 +22,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from adapters_jax.adapters.bottleneck import BottleneckAdapter, BottleneckConfig, bottleneck
-from adapters_jax.backbones.mixed_dense import is_bf16, mixed_matmul, use_cpu_bf16_kernels
+from adapters_jax.backbones.mixed_dense import (float32_matmul, is_bf16, mixed_matmul, use_cpu_bf16_kernels,
+                                               use_cpu_float32_matmul)
 
 W_INITS = ("glorot-uniform", "glorot-normal", "normal")
 C_INITS = ("normal", "uniform")
@@ -125,7 +126,9 @@ class PHMDense(nn.Module):
             if c.use_bias:
                 y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(jnp.float32)
             return y
-        y = jnp.dot(x.astype(self.dtype), h.astype(self.dtype))
+        x, h = x.astype(self.dtype), h.astype(self.dtype)
+        # float32 on XLA:CPU: dW on 2-D rows, the narrower side as rows (mixed_dense.weight_gradient)
+        y = float32_matmul(x, h) if use_cpu_float32_matmul(self.dtype) else jnp.dot(x, h)
         if c.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
         return y
