@@ -15,19 +15,13 @@ from typing import Callable, Dict
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from adapters_jax.backbones import mixed_dense
 from adapters_jax.backbones.grad_barrier import not_before
 
 
-def _dot(h: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-    """h [..., r] @ kernel [r, D], as nn.Dense computes it."""
-    return lax.dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ())))
-
-
-MATMULS: Dict[str, Callable] = {"dot": _dot, "float32": mixed_dense.float32_matmul,
-                                "mixed": mixed_dense.mixed_matmul}
+MATMULS: Dict[str, Callable] = {kind: functools.partial(mixed_dense.product_by_kind, kind)
+                                for kind in ("dot", "float32", "mixed")}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -60,16 +54,6 @@ class ActivatedDense(mixed_dense.Dense):
 
     @nn.compact
     def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
-        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
-                            self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
-        if not mixed_dense.use_cpu_bf16_kernels(self.dtype):
-            inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-            matmul = "float32" if mixed_dense.use_cpu_float32_matmul(inputs.dtype, self.precision) else "dot"
-            y = activated_matmul(self.activation, matmul, inputs, kernel)
-            return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        y = activated_matmul(self.activation, "mixed", inputs, kernel)  # [..., D] float32
-        if bias is not None:
-            y = y + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+        kernel, bias = self.parameters(jnp.shape(inputs)[-1])
+        product = lambda kind, x, w, precision: activated_matmul(self.activation, kind, x, w)
+        return mixed_dense.dense_apply(inputs, kernel, bias, self.dtype, self.precision, product)

@@ -11,8 +11,9 @@ canonical, and it saves its residuals in bf16 (half the activation memory), and 
 backward uses: a frozen kernel's input is not kept.
 
 float32 layers on XLA:CPU take `float32_matmul`, nn.Dense's forward with a backward on 2-D rows:
-autodiff contracted a [B, T, K] input over two axes and wrote narrow weight gradients ([384, 64])
-in the slower orientation (one MiniLM FFN layer's dx + dW at 32 x 128: 105 -> 71 ms).
+autodiff's weight gradient contracts a [B, T, K] input over two axes, and writes narrow results
+([384, 64]) in the slower orientation (one MiniLM FFN layer's forward, dx and dW at 32 x 128:
+105 -> 71 ms).
 
 Only XLA:CPU takes these paths (`use_cpu_bf16_kernels`, `use_cpu_float32_matmul`); GPU and TPU
 keep flax's.
@@ -195,6 +196,31 @@ def use_cpu_float32_matmul(dtype, precision=None) -> bool:
             and jax.default_backend() == "cpu")
 
 
+def product_by_kind(kind: str, x: jnp.ndarray, kernel: jnp.ndarray, precision=None) -> jnp.ndarray:
+    """x [..., K] @ kernel [K, N] by `dense_apply`'s kind: 'mixed' (bf16 on CPU), 'float32'
+    (float32 on CPU) or 'dot' (nn.Dense's dot_general, any other case)."""
+    if kind == "mixed":
+        return mixed_matmul(x, kernel)
+    if kind == "float32":
+        return float32_matmul(x, kernel)
+    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def dense_apply(inputs: jnp.ndarray, kernel: jnp.ndarray, bias, dtype, precision=None,
+                product=product_by_kind) -> jnp.ndarray:
+    """What `Dense` computes from its parameters: inputs [..., K] @ kernel [K, N] + bias.
+    `product(kind, x, kernel, precision)` multiplies (a subclass may fold work into it)."""
+    if not use_cpu_bf16_kernels(dtype):
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=dtype)
+        kind = "float32" if use_cpu_float32_matmul(inputs.dtype, precision) else "dot"
+        y = product(kind, inputs, kernel, precision)
+        return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    y = product("mixed", inputs, kernel, precision)  # [..., N] float32
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(dtype)
+
+
 class Dense(nn.Dense):
     """nn.Dense (same parameters, same init) that routes bf16 compute on CPU through
     `mixed_matmul`: bf16 inputs, float32 accumulation and bias add, then the output cast to
@@ -203,19 +229,11 @@ class Dense(nn.Dense):
 
     @nn.compact
     def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
-        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
-                            self.param_dtype)
-        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-                if self.use_bias else None)
-        if not use_cpu_bf16_kernels(self.dtype):
-            inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-            if use_cpu_float32_matmul(inputs.dtype, self.precision):
-                y = float32_matmul(inputs, kernel)
-            else:
-                y = lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
-                                    precision=self.precision)
-            return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        y = mixed_matmul(inputs, kernel)  # [..., N] float32
-        if bias is not None:
-            y = y + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+        kernel, bias = self.parameters(jnp.shape(inputs)[-1])
+        return dense_apply(inputs, kernel, bias, self.dtype, self.precision)
+
+    def parameters(self, in_features: int):
+        """(kernel [K, N], bias [N] or None), created as nn.Dense creates them."""
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        return kernel, bias
