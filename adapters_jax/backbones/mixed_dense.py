@@ -116,8 +116,9 @@ def float32_matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     return _dense_dot(x, kernel)
 
 
-def _dense_dot(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))  # [..., N]
+def _dense_dot(x: jnp.ndarray, kernel: jnp.ndarray, precision=None) -> jnp.ndarray:
+    """nn.Dense's product: x [..., K] @ kernel [K, N] -> [..., N]."""
+    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
 def _f32_fwd(x, kernel):
@@ -203,7 +204,7 @@ def product_by_kind(kind: str, x: jnp.ndarray, kernel: jnp.ndarray, precision=No
         return mixed_matmul(x, kernel)
     if kind == "float32":
         return float32_matmul(x, kernel)
-    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+    return _dense_dot(x, kernel, precision)
 
 
 def dense_apply(inputs: jnp.ndarray, kernel: jnp.ndarray, bias, dtype, precision=None,
