@@ -37,6 +37,11 @@ class ClassificationHead(nn.Module):
     dropout: float = 0.1
     dtype: Any = jnp.float32
 
+    @property
+    def reads_first_token_only(self) -> bool:
+        """True when the logits depend on position 0 of the backbone's output alone."""
+        return self.pooling in ("cls", "pooler")
+
     @nn.compact
     def __call__(self, outputs: dict, deterministic: bool = True):
         h = pool(outputs, self.pooling)

@@ -16,14 +16,24 @@ from adapters_jax import rules as rules_lib
 
 
 class AdaptedModel(nn.Module):
-    """backbone(batch) -> head -> logits. `backbone` and `head` are unbound Flax modules."""
+    """backbone(batch) -> head -> logits. `backbone` and `head` are unbound Flax modules.
+
+    skip_unread_rows: when the head reads only the first token (`reads_first_token_only`: CLS or
+    pooler pooling) and the backbone can stop there (`first_token_only`, BERT-family encoders),
+    the last layer computes only that row. The logits are the same; the other rows of the last
+    layer were never read. False computes every row (to compare, or to time the full layer).
+    """
     backbone: nn.Module
     head: nn.Module
+    skip_unread_rows: bool = True
 
     def __call__(self, batch: dict, deterministic: bool = True):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "adapter_ids",
                                         "pixel_values")  # pixel_values [B, H, W, C]: image backbones (ViT)
                   if k in batch and _accepts(self.backbone, k)}
+        if (self.skip_unread_rows and getattr(self.head, "reads_first_token_only", False)
+                and _accepts(self.backbone, "first_token_only")):
+            inputs["first_token_only"] = True
         outputs = self.backbone(**inputs, deterministic=deterministic)
         return self.head(outputs, deterministic=deterministic)
 

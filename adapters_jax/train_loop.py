@@ -78,7 +78,10 @@ def build(config, backbone=None, base_sha256=None):
     else:
         head = ClassificationHead(config.data.num_labels, pooling=config.head.pooling,
                                   dropout=config.head.dropout, dtype=DTYPES[config.model.dtype])
-    model = AdaptedModel(backbone.model.clone(filler=spec), head)
+    skip = config.model.get("skip_unread_rows", True)
+    if not isinstance(skip, bool):
+        raise ValueError(f"model.skip_unread_rows={skip!r} must be True or False")
+    model = AdaptedModel(backbone.model.clone(filler=spec), head, skip_unread_rows=skip)
     return backbone, spec, model, preloaded
 
 

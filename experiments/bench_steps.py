@@ -14,6 +14,7 @@ import numpy as np
 
 from adapters_jax import optim, peft, rules, trainer
 from adapters_jax.adapters import spec_from_config
+from adapters_jax.backbones import sites
 from adapters_jax.compile_options import onednn_dot_options, train_jit
 from adapters_jax.backbones.bert import BertConfig, BertModel
 from adapters_jax.heads import ClassificationHead
@@ -69,28 +70,42 @@ def gradient_depth(labels, num_layers: int) -> int:
 
 
 def analytic_flops(cfg: BertConfig, batch: int, seq: int, *, depth: int, adapter_params: int,
-                   extra_tokens: int = 0, train_base: bool = False) -> float:
+                   extra_tokens: int = 0, train_base: bool = False, first_token_only: bool = False,
+                   row_adapter_params: int = 0) -> float:
     """PEFT-aware train-step FLOPs of the encoder (2 FLOPs per multiply-add).
 
     forward: 2·P_dense·tokens + attention (QKᵀ and PV: 4·T·d per token and layer) for every
     layer; backward: twice that for the activation gradients, but only through the `depth`
     layers above the lowest trainable one; the weight-gradient matmul (2·P·tokens) only for
     trained weights: the base when `train_base`, always the adapters' `adapter_params`.
-    `extra_tokens` (a prompt's) lengthen the sequence.
+    `extra_tokens` (a prompt's) lengthen the sequence. With `first_token_only` (a CLS head; see
+    `BertLayer`) the last layer runs its key and value projections on every token and the rest
+    on one row per example, as do its `row_adapter_params` (counted apart from `adapter_params`).
     """
     d, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     t = seq + extra_tokens
     tokens = batch * t
     dense = 4 * d * d + 2 * d * f  # q, k, v, o and the two FFN matmuls, per layer
-    attn = 4 * t * d               # per token and layer
-    fwd = L * (2 * dense + attn) * tokens
-    bwd_act = depth * (2 * dense + 2 * attn) * tokens
-    bwd_w = L * 2 * dense * tokens if train_base else 0
-    adapter = 6 * adapter_params * tokens  # forward, activation and weight gradients
+    attn = 4 * t * d               # per query row and layer
+    kv = 2 * d * d                 # the key and value projections, per token
+    # each layer's (dense params, attention) work, summed over the rows that run it
+    if first_token_only:
+        rows_dense = (L - 1) * dense * tokens + kv * tokens + (dense - kv) * batch
+        rows_attn = ((L - 1) * tokens + batch) * attn
+        top_dense, top_attn = kv * tokens + (dense - kv) * batch, batch * attn
+    else:
+        rows_dense, rows_attn = L * dense * tokens, L * tokens * attn
+        top_dense, top_attn = dense * tokens, tokens * attn
+    fwd = 2 * rows_dense + rows_attn
+    # the backward crosses the top `depth` layers: the last one, then depth - 1 full ones
+    bwd_act = (2 * top_dense + 2 * top_attn + max(depth - 1, 0) * (2 * dense + 2 * attn) * tokens) if depth else 0
+    bwd_w = 2 * rows_dense if train_base else 0
+    adapter = 6 * (adapter_params * tokens + row_adapter_params * batch)  # forward, activation and weight gradients
     return float(fwd + bwd_act + bwd_w + adapter)
 
 
-def build(cfg: BertConfig, method: str, dtype, batch: int, seq: int, frozen_dtype=None):
+def build(cfg: BertConfig, method: str, dtype, batch: int, seq: int, frozen_dtype=None,
+          skip_unread_rows: bool = True):
     adapter, freeze = METHODS[method]
     spec = None
     if adapter is not None:
@@ -98,7 +113,8 @@ def build(cfg: BertConfig, method: str, dtype, batch: int, seq: int, frozen_dtyp
         if options["method"] == "prefix":
             options.update(num_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads)
         spec = spec_from_config(**options)
-    model = AdaptedModel(BertModel(cfg, filler=spec, dtype=dtype), ClassificationHead(2, dtype=dtype))
+    model = AdaptedModel(BertModel(cfg, filler=spec, dtype=dtype), ClassificationHead(2, dtype=dtype),
+                         skip_unread_rows=skip_unread_rows)
     rng = np.random.default_rng(0)
     inputs = {"input_ids": rng.integers(1, cfg.vocab_size, (batch, seq)).astype(np.int32),  # [B, T]
               "attention_mask": np.ones((batch, seq), np.int32),
@@ -112,10 +128,11 @@ def build(cfg: BertConfig, method: str, dtype, batch: int, seq: int, frozen_dtyp
 
 
 def bench(cfg: BertConfig, method: str, dtype, peak: float, batch: int, seq: int, steps: int,
-          flops_only: bool = False, frozen_dtype=None) -> dict:
+          flops_only: bool = False, frozen_dtype=None, skip_unread_rows: bool = True) -> dict:
     """One method's row: compile time, XLA and analytic FLOPs, memory, and (unless flops_only)
     the median step time over `steps` after two warm-up steps."""
-    model, tx, state, inputs, labels, params = build(cfg, method, dtype, batch, seq, frozen_dtype)
+    model, tx, state, inputs, labels, params = build(cfg, method, dtype, batch, seq, frozen_dtype,
+                                                     skip_unread_rows)
     step = train_jit(trainer.make_train_step(model, tx), dtype=dtype, donate_argnums=(0,))
     t = time.perf_counter()
     compiled = step.lower(state, inputs).compile()
@@ -124,13 +141,18 @@ def bench(cfg: BertConfig, method: str, dtype, peak: float, batch: int, seq: int
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flat_p, flat_l = _flat(params), _flat(labels)
     n_tr = sum(int(np.prod(v.shape)) for k, v in flat_p.items() if flat_l[k] == peft.TRAINABLE)
-    n_adapter = sum(int(np.prod(v.shape)) for k, v in flat_p.items()
-                    if flat_l[k] == peft.TRAINABLE and k[0] == "backbone" and method != "full")
+    first_only = model.skip_unread_rows and model.head.reads_first_token_only
+    on_rows = {k: _on_first_row(k, cfg.num_layers) and first_only for k in flat_p}
+    adapter_sizes = {k: int(np.prod(v.shape)) for k, v in flat_p.items()
+                     if flat_l[k] == peft.TRAINABLE and k[0] == "backbone" and method != "full"}
+    n_adapter = sum(n for k, n in adapter_sizes.items() if not on_rows[k])
+    n_row_adapter = sum(n for k, n in adapter_sizes.items() if on_rows[k])
     del params, flat_p  # the state holds what the step reads (its frozen base maybe in bf16)
     adapter, _ = METHODS[method]
     extra = adapter.get("n_tokens", 0) if adapter and adapter["method"] == "prompt" else 0
     analytic = analytic_flops(cfg, batch, seq, depth=gradient_depth(labels, cfg.num_layers),
-                              adapter_params=n_adapter, extra_tokens=extra, train_base=method == "full")
+                              adapter_params=n_adapter, extra_tokens=extra, train_base=method == "full",
+                              first_token_only=first_only, row_adapter_params=n_row_adapter)
     mem = compiled.memory_analysis()
     row = {"method": method, "framework": "adapters_jax", "compile_s": compile_s,
            "xla_gflop": cost.get("flops", 0.0) / 1e9, "analytic_gflop": analytic / 1e9, "trainable": n_tr,
@@ -152,6 +174,14 @@ def bench(cfg: BertConfig, method: str, dtype, peak: float, batch: int, seq: int
                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                device_peak_mib=_device_peak_mib())
     return row
+
+
+def _on_first_row(path: tuple, num_layers: int) -> bool:
+    """Whether a parameter works on the first row only under `first_token_only`: anything in the
+    last layer except what builds its keys and values (those still see every token)."""
+    names = [str(p) for p in path]
+    return (f"layer_{num_layers - 1}" in names and "encoder" in names
+            and not any(n in (sites.KEY, sites.VALUE, sites.ATTN_PREFIX) for n in names))
 
 
 def step_memory_bytes(mem) -> int:

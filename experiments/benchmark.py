@@ -49,6 +49,8 @@ flags.DEFINE_enum("frozen_dtype", "auto", ["auto", "float32", "bfloat16"],
                   "storage of the frozen base's matrices (auto: the compute dtype), as train's model.frozen_dtype")
 flags.DEFINE_enum("attention_backward", "keep", ["keep", "recompute"],
                   "what training attention keeps for its backward on XLA:CPU, as train's model.attention_backward")
+flags.DEFINE_bool("skip_unread_rows", True, "the last layer computes only the row the CLS head reads "
+                  "(AdaptedModel.skip_unread_rows); --noskip_unread_rows computes every row, as AdapterHub does")
 flags.DEFINE_string("out", "runs/benchmark.json", "JSON output (the PNG goes beside it)")
 flags.DEFINE_bool("isolate", True, "run each method in its own subprocess (its own peak RSS)")
 flags.DEFINE_float("peak_gflops", 0.0, "matmul peak to use (0: measure it)")
@@ -67,7 +69,7 @@ def bench_isolated(method: str, peak: float) -> dict:
     cmd = [sys.executable, "-m", "experiments.benchmark", "--child", f"--methods={method}",
            f"--model={FLAGS.model}", f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--steps={FLAGS.steps}",
            f"--dtype={FLAGS.dtype}", f"--frozen_dtype={FLAGS.frozen_dtype}", f"--peak_gflops={peak / 1e9}",
-           f"--attention_backward={FLAGS.attention_backward}",
+           f"--attention_backward={FLAGS.attention_backward}", f"--skip_unread_rows={FLAGS.skip_unread_rows}",
            f"--flops_only={FLAGS.flops_only}"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=host_malloc.child_env(FLAGS.malloc))
     rows = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -197,7 +199,8 @@ def main(argv):
         raise app.UsageError("--malloc=tuned needs --isolate: glibc reads its settings at process start")
     if FLAGS.child:
         print(json.dumps(bench(cfg, methods[0], dtype, FLAGS.peak_gflops * 1e9, FLAGS.batch, FLAGS.seq,
-                               FLAGS.steps, FLAGS.flops_only, frozen_dtype=frozen)), flush=True)
+                               FLAGS.steps, FLAGS.flops_only, frozen_dtype=frozen,
+                               skip_unread_rows=FLAGS.skip_unread_rows)), flush=True)
         return
     if FLAGS.mixed_tasks:
         r = mixed_vs_single(cfg, FLAGS.mixed_tasks)
@@ -210,14 +213,15 @@ def main(argv):
     title = (f"{FLAGS.model} batch {FLAGS.batch} x {FLAGS.seq}, {FLAGS.dtype}, {jax.device_count()} "
              f"{jax.devices()[0].platform} device(s), {os.cpu_count()} CPU threads, "
              f"matmul peak {peak / 1e9:.0f} GFLOP/s, frozen base {jnp.dtype(frozen).name}, malloc {FLAGS.malloc}, "
-             f"attention backward {FLAGS.attention_backward}, {describe(dtype)}")
+             f"attention backward {FLAGS.attention_backward}, "
+             f"{'last layer: CLS row only' if FLAGS.skip_unread_rows else 'last layer: every row'}, {describe(dtype)}")
     print(title, flush=True)
     rows = []
     for i, method in enumerate(methods):
         t = time.perf_counter()
         rows.append(bench_isolated(method, peak) if FLAGS.isolate else
                     bench(cfg, method, dtype, peak, FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.flops_only,
-                          frozen_dtype=frozen))
+                          frozen_dtype=frozen, skip_unread_rows=FLAGS.skip_unread_rows))
         print(f"[{i + 1}/{len(methods)}] {method}: {time.perf_counter() - t:.0f}s "
               + (f"step {rows[-1]['step_s']:.3f}s" if "step_s" in rows[-1] else ""), flush=True)
     torch_rows = adapterhub_rows(methods) if FLAGS.adapterhub and not FLAGS.flops_only else []
@@ -227,7 +231,7 @@ def main(argv):
     result = {"model": FLAGS.model, "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
               "cpu_threads": os.cpu_count(), "matmul_peak_gflops": peak / 1e9, "malloc": FLAGS.malloc,
               "frozen_dtype": jnp.dtype(frozen).name, "attention_backward": FLAGS.attention_backward,
-              "dots": describe(dtype), "rows": rows, "adapterhub": torch_rows}
+              "skip_unread_rows": FLAGS.skip_unread_rows, "dots": describe(dtype), "rows": rows, "adapterhub": torch_rows}
     if FLAGS.inference:
         from experiments import bench_inference
         inf = bench_inference.latency_table(cfg, seq=FLAGS.seq, reps=FLAGS.steps, dtype=dtype)

@@ -91,7 +91,10 @@ def build_model(family: str, cfg, spec, head: str, dtype):
         if family != "llama":
             raise ValueError("--head=lm needs a Llama decoder; BERT models take --head=cls")
         return backbone
-    return AdaptedModel(backbone, ClassificationHead(2, dtype=dtype))
+    # every row of the last layer: the plan's FLOPs and activation terms count them (training with
+    # a CLS head skips most of that layer, AdaptedModel.skip_unread_rows: there the plan is high
+    # by up to one layer's work, 1/L of the encoder's)
+    return AdaptedModel(backbone, ClassificationHead(2, dtype=dtype), skip_unread_rows=False)
 
 
 def abstract_params(model, head: str):

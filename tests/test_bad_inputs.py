@@ -60,6 +60,7 @@ CASES = [
     (H, ["--config.optim.lr=fast"], "--config.optim.lr=fast"),
     (H, ["--config.adapter.bottleneck_dim=1.5"], "--config.adapter.bottleneck_dim=1.5"),
     (H, ["--config.train.skip_nonfinite=maybe"], "--config.train.skip_nonfinite=maybe"),
+    (H, ["--config.model.skip_unread_rows=maybe"], "--config.model.skip_unread_rows=maybe"),
 ]
 
 

@@ -38,22 +38,27 @@ def test_gradient_depth_of_adapters_in_the_top_layer_only():
     assert B.gradient_depth(labels, CFG.num_layers) == 1
 
 
-def test_analytic_matmul_flops_match_xla_for_forward_and_full_gradient():
-    """XLA counts every op; the analytic count only the matmuls, which dominate at width 256."""
+@pytest.mark.parametrize("first_token_only", [False, True])
+def test_analytic_matmul_flops_match_xla_for_forward_and_full_gradient(first_token_only):
+    """XLA counts every op; the analytic count only the matmuls, which dominate at width 256.
+    With first_token_only the CLS head's model computes one row of its last layer, which the
+    analytic count must follow (XLA sees what the compiled program really does)."""
     import dataclasses
     cfg = dataclasses.replace(CFG, hidden_size=256, intermediate_size=1024, num_heads=4,
                               hidden_dropout=0.0, attention_dropout=0.0)
-    model, _, state, inputs, labels, params = B.build(cfg, "full", jnp.float32, BATCH, SEQ)
+    model, _, state, inputs, labels, params = B.build(cfg, "full", jnp.float32, BATCH, SEQ,
+                                                      skip_unread_rows=first_token_only)
     x = {k: v for k, v in inputs.items() if k != "labels"}
     fwd = _xla_flops(lambda p: model.apply({"params": p}, x), params)
     loss = lambda p: trainer.task_loss(model.apply({"params": p}, x), inputs, "classification")[0]
     full = _xla_flops(jax.grad(loss), params)
-    fwd_analytic = B.analytic_flops(cfg, BATCH, SEQ, depth=0, adapter_params=0)
-    full_analytic = B.analytic_flops(cfg, BATCH, SEQ, depth=cfg.num_layers, adapter_params=0, train_base=True)
+    count = lambda **kw: B.analytic_flops(cfg, BATCH, SEQ, adapter_params=0, first_token_only=first_token_only, **kw)
+    fwd_analytic = count(depth=0)
+    full_analytic = count(depth=cfg.num_layers, train_base=True)
     assert fwd_analytic == pytest.approx(fwd, rel=0.10)
     assert full_analytic == pytest.approx(full, rel=0.10)
     # the frozen-base gradient skips the weight-gradient matmuls: about 2/3 of the full count
-    act_only = B.analytic_flops(cfg, BATCH, SEQ, depth=cfg.num_layers, adapter_params=0)
+    act_only = count(depth=cfg.num_layers)
     assert act_only / full_analytic == pytest.approx(2 / 3, abs=0.03)
 
 

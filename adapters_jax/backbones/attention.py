@@ -177,7 +177,8 @@ def with_prefix(k: jnp.ndarray, v: jnp.ndarray, prefix: Optional[tuple]) -> tupl
 
 def self_attention(module: nn.Module, x: jnp.ndarray, key_mask: jnp.ndarray, dense, *, num_heads: int,
                    head_dim: int, num_kv_heads: Optional[int] = None, causal: bool, dropout_rate: float,
-                   deterministic: bool, rotate=None, scale: Optional[float] = None) -> jnp.ndarray:
+                   deterministic: bool, rotate=None, scale: Optional[float] = None,
+                   query_rows: Optional[int] = None) -> jnp.ndarray:
     """The self-attention every backbone shares, with its adapter sites: query/key/value dense
     sites, the prefix site (prefix keys are not rotated) and grouped-query heads.
 
@@ -188,12 +189,19 @@ def self_attention(module: nn.Module, x: jnp.ndarray, key_mask: jnp.ndarray, den
       dense: (site, features) -> a dense site of the backbone, called as `(x)` (the backbone binds
         its bias, init and the per-call adapter context, which per-row LoRA/IA3 sites read).
       rotate: optional [B, T, H, Dh] -> same (Llama's RoPE), applied to queries and keys.
+      query_rows: only the first `query_rows` positions ask (Tq = query_rows): every key and value
+        is still computed, but the query projection, the scores and the context cover only those
+        rows. For an encoder's last layer when the head reads only the first token.
     Returns:
-      the attention context [B, T, H * Dh], before the output projection.
+      the attention context [B, Tq, H * Dh] (Tq = T unless query_rows), before the output projection.
     """
     b, t, _ = x.shape
     hkv = num_kv_heads or num_heads
-    q = dense(sites.QUERY, num_heads * head_dim)(x).reshape(b, t, num_heads, head_dim)  # [B, T, H, Dh]
+    if query_rows is not None and (causal or rotate is not None):
+        raise ValueError("query_rows is for non-causal attention without rotary positions")
+    xq = x if query_rows is None else x[:, :query_rows]  # [B, Tq, D]
+    tq = xq.shape[1]
+    q = dense(sites.QUERY, num_heads * head_dim)(xq).reshape(b, tq, num_heads, head_dim)  # [B, Tq, H, Dh]
     k = dense(sites.KEY, hkv * head_dim)(x).reshape(b, t, hkv, head_dim)  # [B, T, Hkv, Dh]
     v = dense(sites.VALUE, hkv * head_dim)(x).reshape(b, t, hkv, head_dim)
     if rotate is not None:
@@ -201,6 +209,6 @@ def self_attention(module: nn.Module, x: jnp.ndarray, key_mask: jnp.ndarray, den
     prefix_factory = sites.lookup(module.filler, sites.ATTN_PREFIX, module.layer)
     prefix = None if prefix_factory is None else prefix_factory(name=sites.ATTN_PREFIX)(b)
     k, v, n_prefix = with_prefix(k, v, prefix)
-    mask = build_mask(t, key_mask, causal=causal, n_prefix=n_prefix)  # [B, 1, T, P+T]
-    ctx = attend(q, k, v, mask, dropout_rate, deterministic, module, scale=scale)  # [B, T, H, Dh]
-    return ctx.reshape(b, t, num_heads * head_dim)
+    mask = build_mask(tq, key_mask, causal=causal, n_prefix=n_prefix)  # [B, 1, Tq, P+T]
+    ctx = attend(q, k, v, mask, dropout_rate, deterministic, module, scale=scale)  # [B, Tq, H, Dh]
+    return ctx.reshape(b, tq, num_heads * head_dim)

@@ -124,7 +124,7 @@ class BertAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool, ctx=None):
+    def __call__(self, x, key_mask, deterministic: bool, ctx=None, query_rows=None):
         c = self.config
         b, t, d = x.shape
         h, dh = c.num_heads, d // c.num_heads
@@ -132,26 +132,33 @@ class BertAttention(nn.Module):
             self.filler, site, self.layer, ctx, features=feats, use_bias=True, dtype=self.dtype,
             kernel_init=nn.initializers.normal(0.02), name=site)
         heads = self_attention(self, x, key_mask, dense, num_heads=h, head_dim=dh, causal=False,
-                             dropout_rate=c.attention_dropout, deterministic=deterministic)  # [B, T, D]
+                             dropout_rate=c.attention_dropout, deterministic=deterministic,
+                             query_rows=query_rows)  # [B, Tq, D]
         out = dense(sites.ATTN_OUT, d)(heads)
-        return Dropout(c.hidden_dropout)(out, deterministic=deterministic)  # [B, T, D]
+        return Dropout(c.hidden_dropout)(out, deterministic=deterministic)  # [B, Tq, D]
 
 
 class BertLayer(nn.Module):
-    """One post-LN block: attention -> [attn site] -> FFN -> [ffn site]."""
+    """One post-LN block: attention -> [attn site] -> FFN -> [ffn site].
+
+    With `first_token_only` the block returns only position 0 ([B, 1, D]): keys and values still
+    come from every position, but the query, the attention output, the adapters, the norms and
+    the FFN run on one row instead of T. Every op after attention is per token, so that row is
+    the one the full block computes (`tests/test_first_token_only.py`)."""
     config: BertConfig
     layer: int
     filler: Optional[sites.SiteFiller] = None
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool, ctx=None):
+    def __call__(self, x, key_mask, deterministic: bool, ctx=None, first_token_only: bool = False):
         c = self.config
         attn = BertAttention(c, self.layer, self.filler, self.dtype, name="attention")(
-            x, key_mask, deterministic, ctx)
+            x, key_mask, deterministic, ctx, query_rows=1 if first_token_only else None)  # [B, Tq, D]
+        x = x[:, :1] if first_token_only else x  # the residual rows that attention answered
         attn_norm = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_norm")
         h = sites.activation(self.filler, sites.ATTN_OUTPUT, self.layer, attn, x, attn_norm,
-                             deterministic, ctx)  # [B, T, D]
+                             deterministic, ctx)  # [B, Tq, D]
         dense = lambda site, feats: sites.dense(
             self.filler, site, self.layer, ctx, features=feats, use_bias=True, dtype=self.dtype,
             kernel_init=nn.initializers.normal(0.02), name=site)
@@ -170,11 +177,12 @@ class BertEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, key_mask, deterministic: bool, output_hidden_states: bool = False,
-                 ctx=None):
+                 ctx=None, first_token_only: bool = False):
         hidden = [x]
+        last = self.config.num_layers - 1
         for i in range(self.config.num_layers):
             x = BertLayer(self.config, i, self.filler, self.dtype, name=f"layer_{i}")(
-                x, key_mask, deterministic, ctx)
+                x, key_mask, deterministic, ctx, first_token_only and i == last)
             hidden.append(x)
         return x, (tuple(hidden) if output_hidden_states else None)
 
@@ -190,8 +198,17 @@ class BertModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
-                 deterministic: bool = True, output_hidden_states: bool = False, adapter_ids=None):
-        """adapter_ids: [B] ints choosing each row's adapter when several are composed by 'select'."""
+                 deterministic: bool = True, output_hidden_states: bool = False, adapter_ids=None,
+                 first_token_only: bool = False):
+        """adapter_ids: [B] ints choosing each row's adapter when several are composed by 'select'.
+
+        first_token_only: the caller reads only position 0 (a CLS or pooler head), so the last
+        layer computes only that row: last_hidden_state is [B, 1, D] and attention_mask [B, 1].
+        At MiniLM 32 x 128 this removes most of one layer's work from a train step (see
+        BertLayer)."""
+        if first_token_only and output_hidden_states:
+            raise ValueError("first_token_only=True computes one row of the last layer; "
+                             "it cannot return output_hidden_states")
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
@@ -202,7 +219,10 @@ class BertModel(nn.Module):
         if prompt is not None:
             x, attention_mask = prompt(name=sites.EMBED_PROMPT)(x, attention_mask)
         x, hidden = BertEncoder(self.config, self.filler, self.dtype, name="encoder")(
-            x, attention_mask, deterministic, output_hidden_states, sites.context(self.filler, adapter_ids))
+            x, attention_mask, deterministic, output_hidden_states, sites.context(self.filler, adapter_ids),
+            first_token_only)  # [B, T', D], or [B, 1, D]
+        if first_token_only:
+            attention_mask = attention_mask[:, :1]
         out = {"last_hidden_state": x, "attention_mask": attention_mask}
         if hidden is not None:
             out["hidden_states"] = hidden
