@@ -1,6 +1,7 @@
-"""The CLS-only last layer (`AdaptedModel.skip_unread_rows`, `BertLayer(first_token_only)`) against
-the model that computes every row: same logits, same gradient for every parameter, for every
-adapter method, with padded rows. The reference is the unchanged full computation."""
+"""The CLS-only last layer (`AdaptedModel.skip_unread_rows`, `BertLayer` and `ViTLayer` with
+first_token_only) against the model that computes every row: same logits, same gradient for every
+parameter, for each kind of adapter site, with padded rows. The reference is the unchanged full
+computation."""
 import dataclasses
 
 import jax
@@ -11,6 +12,7 @@ import pytest
 from adapters_jax import trainer
 from adapters_jax.adapters import spec_from_config
 from adapters_jax.backbones.bert import BertModel
+from adapters_jax.backbones.vit import ViTConfig, ViTModel
 from adapters_jax.heads import ClassificationHead
 from adapters_jax.model import AdaptedModel
 from experiments import bench_steps as B
@@ -59,6 +61,10 @@ def _model(method):
 def test_cls_only_last_layer_matches_every_row(method):
     model, params, inputs = _model(method)
     assert model.skip_unread_rows and model.head.reads_first_token_only
+    _assert_same(model, params, inputs)
+
+
+def _assert_same(model, params, inputs):
     logits, grads = _logits_and_grads(model, params, inputs)
     want, want_grads = _logits_and_grads(model.clone(skip_unread_rows=False), params, inputs)
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
@@ -67,6 +73,19 @@ def test_cls_only_last_layer_matches_every_row(method):
     assert flat.keys() == want_flat.keys()
     for path, g in flat.items():
         np.testing.assert_allclose(g, want_flat[path], atol=2e-5 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def test_vit_cls_only_last_block_matches_every_row():
+    """The pre-LN ViT: the last block's norm still sees every patch (its keys and values)."""
+    cfg = ViTConfig.from_hf(dict(image_size=12, patch_size=4, num_channels=3, hidden_size=32,
+                                 num_hidden_layers=2, num_attention_heads=4, intermediate_size=48))
+    model = AdaptedModel(ViTModel(cfg, filler=spec_from_config("houlsby", bottleneck_dim=8)), ClassificationHead(3))
+    rng = np.random.default_rng(0)
+    inputs = {"pixel_values": rng.normal(size=(BATCH, 12, 12, 3)).astype(np.float32),
+              "labels": rng.integers(0, 3, BATCH).astype(np.int32)}
+    params = jax.jit(lambda r: model.init(r, inputs)["params"])(jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda p: np.asarray(p) + rng.normal(0, 0.05, p.shape).astype(np.float32), params)
+    _assert_same(model, params, inputs)
 
 
 def test_the_backbone_returns_one_row_and_refuses_hidden_states():

@@ -124,7 +124,7 @@ class ViTAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool, ctx=None):
+    def __call__(self, x, key_mask, deterministic: bool, ctx=None, query_rows=None):
         c = self.config
         b, t, d = x.shape
         h, dh = c.num_heads, d // c.num_heads
@@ -132,23 +132,28 @@ class ViTAttention(nn.Module):
             self.filler, site, self.layer, ctx, features=feats, use_bias=bias, dtype=self.dtype,
             kernel_init=nn.initializers.truncated_normal(c.initializer_range), name=site)
         heads = self_attention(self, x, key_mask, dense, num_heads=h, head_dim=dh, causal=False,
-                             dropout_rate=c.attention_dropout, deterministic=deterministic)  # [B, T, D]
+                             dropout_rate=c.attention_dropout, deterministic=deterministic,
+                             query_rows=query_rows)  # [B, Tq, D]
         out = dense(sites.ATTN_OUT, d, True)(heads)
-        return Dropout(c.hidden_dropout)(out, deterministic=deterministic)  # [B, T, D]
+        return Dropout(c.hidden_dropout)(out, deterministic=deterministic)  # [B, Tq, D]
 
 
 class ViTLayer(nn.Module):
-    """One pre-LN block: h = x + attn(norm(x)) [attn site]; h + mlp(norm(h)) [ffn site]."""
+    """One pre-LN block: h = x + attn(norm(x)) [attn site]; h + mlp(norm(h)) [ffn site].
+
+    With `first_token_only` it returns only the CLS row [B, 1, D] (as `bert.BertLayer`)."""
     config: ViTConfig
     layer: int
     filler: Optional[sites.SiteFiller] = None
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool, ctx=None):
+    def __call__(self, x, key_mask, deterministic: bool, ctx=None, first_token_only: bool = False):
         c = self.config
-        a = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_norm")(x)
-        a = ViTAttention(c, self.layer, self.filler, self.dtype, name="attention")(a, key_mask, deterministic, ctx)
+        a = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_norm")(x)  # every row: keys, values
+        a = ViTAttention(c, self.layer, self.filler, self.dtype, name="attention")(
+            a, key_mask, deterministic, ctx, query_rows=1 if first_token_only else None)  # [B, Tq, D]
+        x = x[:, :1] if first_token_only else x
         h = sites.activation(self.filler, sites.ATTN_OUTPUT, self.layer, a, x, None, deterministic, ctx)
         dense = lambda site, feats: sites.dense(
             self.filler, site, self.layer, ctx, features=feats, use_bias=True, dtype=self.dtype,
@@ -166,11 +171,13 @@ class ViTEncoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool, output_hidden_states: bool = False, ctx=None):
+    def __call__(self, x, key_mask, deterministic: bool, output_hidden_states: bool = False, ctx=None,
+                 first_token_only: bool = False):
         hidden = [x]
+        last = self.config.num_layers - 1
         for i in range(self.config.num_layers):
             x = ViTLayer(self.config, i, self.filler, self.dtype, name=f"layer_{i}")(
-                x, key_mask, deterministic, ctx)
+                x, key_mask, deterministic, ctx, first_token_only and i == last)
             x = grad_barrier(x)  # the residual stream's gradient, computed once per layer
             hidden.append(x)
         return x, (tuple(hidden) if output_hidden_states else None)
@@ -188,17 +195,23 @@ class ViTModel(nn.Module):
 
     @nn.compact
     def __call__(self, pixel_values, deterministic: bool = True, output_hidden_states: bool = False,
-                 adapter_ids=None):
-        """pixel_values: [B, H, W, C] float; adapter_ids: [B] ints for 'select' composition."""
+                 adapter_ids=None, first_token_only: bool = False):
+        """pixel_values: [B, H, W, C] float; adapter_ids: [B] ints for 'select' composition;
+        first_token_only: the last block computes only the CLS row (last_hidden_state [B, 1, D])."""
         c = self.config
+        if first_token_only and output_hidden_states:
+            raise ValueError("first_token_only=True computes one row of the last layer; "
+                             "it cannot return output_hidden_states")
         x = ViTEmbeddings(c, self.dtype, name="embeddings")(pixel_values, deterministic)  # [B, N+1, D]
         mask = jnp.ones(x.shape[:2], jnp.int32)  # [B, N+1]: images have no padding
         prompt = sites.lookup(self.filler, sites.EMBED_PROMPT, -1)
         if prompt is not None:
             x, mask = prompt(name=sites.EMBED_PROMPT)(x, mask)
         x, hidden = ViTEncoder(c, self.filler, self.dtype, name="encoder")(
-            x, mask, deterministic, output_hidden_states, sites.context(self.filler, adapter_ids))
-        x = LayerNorm(c.layer_norm_eps, self.dtype, name="norm")(x)  # [B, T', D]
+            x, mask, deterministic, output_hidden_states, sites.context(self.filler, adapter_ids),
+            first_token_only)
+        mask = mask[:, :1] if first_token_only else mask
+        x = LayerNorm(c.layer_norm_eps, self.dtype, name="norm")(x)  # [B, T', D], or [B, 1, D]
         out = {"last_hidden_state": x, "attention_mask": mask}
         if hidden is not None:
             out["hidden_states"] = hidden
