@@ -19,7 +19,7 @@ class AdaptedModel(nn.Module):
     """backbone(batch) -> head -> logits. `backbone` and `head` are unbound Flax modules.
 
     skip_unread_rows: when the head reads only the first token (`reads_first_token_only`: CLS or
-    pooler pooling) and the backbone can stop there (`first_token_only`, BERT-family encoders),
+    pooler pooling) and the backbone can stop there (`first_token_only`: BERT-family and ViT encoders),
     the last layer computes only that row. The logits are the same; the other rows of the last
     layer were never read. False computes every row (to compare, or to time the full layer).
     """

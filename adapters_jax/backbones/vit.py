@@ -153,7 +153,7 @@ class ViTLayer(nn.Module):
         a = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_norm")(x)  # every row: keys, values
         a = ViTAttention(c, self.layer, self.filler, self.dtype, name="attention")(
             a, key_mask, deterministic, ctx, query_rows=1 if first_token_only else None)  # [B, Tq, D]
-        x = x[:, :1] if first_token_only else x
+        x = x[:, :1] if first_token_only else x  # the residual rows that attention answered
         h = sites.activation(self.filler, sites.ATTN_OUTPUT, self.layer, a, x, None, deterministic, ctx)
         dense = lambda site, feats: sites.dense(
             self.filler, site, self.layer, ctx, features=feats, use_bias=True, dtype=self.dtype,
