@@ -142,11 +142,10 @@ def bench(cfg: BertConfig, method: str, dtype, peak: float, batch: int, seq: int
     flat_p, flat_l = _flat(params), _flat(labels)
     n_tr = sum(int(np.prod(v.shape)) for k, v in flat_p.items() if flat_l[k] == peft.TRAINABLE)
     first_only = model.skip_unread_rows and model.head.reads_first_token_only
-    on_rows = {k: _on_first_row(k, cfg.num_layers) and first_only for k in flat_p}
     adapter_sizes = {k: int(np.prod(v.shape)) for k, v in flat_p.items()
                      if flat_l[k] == peft.TRAINABLE and k[0] == "backbone" and method != "full"}
-    n_adapter = sum(n for k, n in adapter_sizes.items() if not on_rows[k])
-    n_row_adapter = sum(n for k, n in adapter_sizes.items() if on_rows[k])
+    n_row_adapter = sum(n for k, n in adapter_sizes.items() if first_only and _on_first_row(k, cfg.num_layers))
+    n_adapter = sum(adapter_sizes.values()) - n_row_adapter
     del params, flat_p  # the state holds what the step reads (its frozen base maybe in bf16)
     adapter, _ = METHODS[method]
     extra = adapter.get("n_tokens", 0) if adapter and adapter["method"] == "prompt" else 0
