@@ -12,14 +12,19 @@ import jax.numpy as jnp
 
 from adapters_jax.dropout import Dropout
 
-POOLINGS = ("cls", "mean", "pooler")
+POOLINGS = ("cls", "mean", "pooler", "last")
 
 
 def pool(outputs: dict, pooling: str) -> jnp.ndarray:
-    """[B, D] sentence vector: the first token, the masked mean, or BERT's tanh pooler."""
+    """[B, D] sentence vector: the first token, the masked mean, BERT's tanh pooler, or the last
+    real token (causal decoders, where only it has read the whole text; HF's
+    *ForSequenceClassification pools it too). Left or right padding."""
     x, mask = outputs["last_hidden_state"], outputs["attention_mask"]
     if pooling == "cls":
         return x[:, 0]
+    if pooling == "last":
+        last = (mask.shape[1] - 1) - jnp.argmax(mask[:, ::-1] > 0, axis=1)  # [B] index of the last real token
+        return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     if pooling == "mean":
         m = mask.astype(jnp.float32)[..., None]  # [B, T, 1]
         return (x.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
@@ -28,6 +33,11 @@ def pool(outputs: dict, pooling: str) -> jnp.ndarray:
             raise ValueError("head.pooling='pooler' but the backbone has no pooler; use 'cls' or 'mean'")
         return outputs["pooler_output"]
     raise ValueError(f"head.pooling={pooling!r} is not one of {POOLINGS}")
+
+
+def default_pooling(backbone: nn.Module) -> str:
+    """'last' for a causal decoder (GPT-2, Llama), 'cls' for an encoder."""
+    return "last" if getattr(backbone, "causal", False) else "cls"
 
 
 class ClassificationHead(nn.Module):

@@ -28,6 +28,10 @@ class AdaptedModel(nn.Module):
     skip_unread_rows: bool = True
 
     def __call__(self, batch: dict, deterministic: bool = True):
+        if getattr(self.backbone, "causal", False) and getattr(self.head, "pooling", None) in ("cls", "pooler"):
+            raise ValueError(f"head.pooling={self.head.pooling!r} reads the first token, which a causal decoder "
+                             f"({type(self.backbone).__name__}) lets see nothing after it; use 'last' (the last "
+                             "real token, as HF's *ForSequenceClassification) or 'mean'")
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "adapter_ids",
                                         "pixel_values")  # pixel_values [B, H, W, C]: image backbones (ViT)
                   if k in batch and _accepts(self.backbone, k)}

@@ -27,7 +27,7 @@ from adapters_jax import optim, peft, rules
 from adapters_jax.adapters.presets import spec_from_config
 from adapters_jax.backbones.bert import BertConfig, BertModel
 from adapters_jax.backbones.llama import LlamaConfig, LlamaModel
-from adapters_jax.heads import ClassificationHead
+from adapters_jax.heads import ClassificationHead, default_pooling
 from adapters_jax.model import AdaptedModel
 
 GiB = 2 ** 30
@@ -94,7 +94,8 @@ def build_model(family: str, cfg, spec, head: str, dtype):
     # every row of the last layer: the plan's FLOPs and activation terms count them (training with
     # a CLS head skips most of that layer, AdaptedModel.skip_unread_rows: there the plan is high
     # by up to one layer's work, 1/L of the encoder's)
-    return AdaptedModel(backbone, ClassificationHead(2, dtype=dtype), skip_unread_rows=False)
+    return AdaptedModel(backbone, ClassificationHead(2, pooling=default_pooling(backbone), dtype=dtype),
+                        skip_unread_rows=False)
 
 
 def abstract_params(model, head: str):

@@ -19,7 +19,7 @@ from adapters_jax.adapters.presets import spec_from_config
 from adapters_jax.backbones import attention, mixed_dense
 from adapters_jax.backbones.bert import BertModel
 from adapters_jax.backbones.llama import LlamaModel
-from adapters_jax.heads import ClassificationHead
+from adapters_jax.heads import ClassificationHead, default_pooling
 from adapters_jax.model import AdaptedModel
 from experiments import plan as planner
 
@@ -43,7 +43,8 @@ def build(name, head, adapter="houlsby", r=R_TINY, batch=2, seq=16, dtype=jnp.fl
         model, inputs = backbone, ids
     else:
         # every row of the last layer, as the plan counts it (it is an upper bound for CLS heads)
-        model = AdaptedModel(backbone, ClassificationHead(2, dtype=dtype), skip_unread_rows=False)
+        model = AdaptedModel(backbone, ClassificationHead(2, pooling=default_pooling(backbone), dtype=dtype),
+                             skip_unread_rows=False)
         inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids),
                   "labels": rng.integers(0, 2, batch).astype(np.int32)}
     make = lambda: model.init(jax.random.PRNGKey(0), inputs)["params"]

@@ -154,6 +154,7 @@ class GPT2Model(nn.Module):
     config: GPT2Config
     filler: Optional[sites.SiteFiller] = None
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    causal = True  # a position sees only itself and earlier ones: classify from the last token
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None,

@@ -186,6 +186,7 @@ class LlamaModel(nn.Module):
     config: LlamaConfig
     filler: Optional[sites.SiteFiller] = None
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
+    causal = True  # a position sees only itself and earlier ones: classify from the last token
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None,

@@ -1,0 +1,55 @@
+"""Sequence classification on causal decoders: pool the last real token, refuse the first.
+
+A causal decoder's first position has attended to nothing after it, so CLS pooling there would
+classify from the first token alone; HF's *ForSequenceClassification pools the last real token.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adapters_jax.backbones.gpt2 import GPT2Config, GPT2Model
+from adapters_jax.backbones.llama import LlamaConfig, LlamaModel
+from adapters_jax.heads import ClassificationHead, default_pooling, pool
+from adapters_jax.model import AdaptedModel
+
+LLAMA = LlamaConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                    intermediate_size=32, max_position_embeddings=32)
+
+
+def test_last_pooling_reads_the_last_real_token_with_either_padding_side():
+    x = np.random.default_rng(0).normal(size=(4, 5, 3)).astype(np.float32)  # [B, T, D]
+    mask = np.array([[1, 1, 1, 0, 0],   # right padding: token 2
+                     [0, 0, 1, 1, 1],   # left padding: token 4
+                     [1, 1, 1, 1, 1],   # no padding: token 4
+                     [1, 0, 0, 0, 0]])  # one token: token 0
+    got = pool({"last_hidden_state": jnp.asarray(x), "attention_mask": jnp.asarray(mask)}, "last")
+    np.testing.assert_array_equal(np.asarray(got), x[[0, 1, 2, 3], [2, 4, 4, 0]])
+
+
+@pytest.mark.parametrize("backbone", [LlamaModel(LLAMA), GPT2Model(GPT2Config(
+    vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=32))],
+    ids=["llama", "gpt2"])
+def test_causal_decoders_refuse_first_token_pooling(backbone):
+    ids = np.ones((2, 6), np.int32)
+    model = AdaptedModel(backbone, ClassificationHead(2))  # pooling 'cls'
+    with pytest.raises(ValueError, match="head.pooling='cls' reads the first token"):
+        model.init(jax.random.PRNGKey(0), {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert default_pooling(backbone) == "last"
+
+
+def test_last_token_logits_ignore_padding_and_see_the_whole_text():
+    model = AdaptedModel(LlamaModel(LLAMA), ClassificationHead(3, pooling="last", dropout=0.0))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, LLAMA.vocab_size, (2, 8)).astype(np.int32)  # [B, T]
+    mask = np.array([[1] * 5 + [0] * 3, [1] * 8], np.int32)  # row 0: 5 real tokens, right padding
+    params = model.init(jax.random.PRNGKey(0), {"input_ids": ids, "attention_mask": mask})["params"]
+    apply = jax.jit(lambda i: model.apply({"params": params}, {"input_ids": i, "attention_mask": mask}))
+    logits = lambda i: np.asarray(apply(i))
+    base = logits(ids)
+    repadded = ids.copy()
+    repadded[0, 5:] = rng.integers(1, LLAMA.vocab_size, 3)  # other ids under the padding
+    np.testing.assert_allclose(logits(repadded), base, rtol=0, atol=1e-6)
+    first_changed = ids.copy()
+    first_changed[:, 0] = (ids[:, 0] % (LLAMA.vocab_size - 1)) + 1  # the first token reaches the last one
+    assert np.all(np.abs(logits(first_changed) - base).max(axis=1) > 1e-4)
