@@ -274,6 +274,11 @@ def make_steps(config, model, tx, state):
                 parallel.shard_for_pmap, lambda ms: _mean([jax.tree_util.tree_map(lambda x: x[0], m) for m in ms]))
     if config.parallelism != "jit":
         raise ValueError(f"parallelism={config.parallelism!r} must be 'jit' or 'pmap'")
+    want = config.mesh.get("cpu_devices", 0)
+    if want and jax.default_backend() == "cpu" and jax.local_device_count() != want:
+        raise ValueError(f"mesh.cpu_devices={want} but JAX's CPU backend has {jax.local_device_count()} devices: "
+                         "split it before JAX starts (experiments.train does; from Python, call "
+                         "parallel.set_cpu_devices first)")
     mesh = parallel.make_mesh(config.mesh.fsdp)
     parallel.check_batch(tr.batch_size, mesh, "train.batch_size")
     parallel.check_batch(tr.eval_batch_size, mesh, "train.eval_batch_size")

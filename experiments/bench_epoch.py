@@ -5,6 +5,7 @@
     python -m experiments.bench_epoch --dtype bfloat16     # ours with bf16 matmuls
     python -m experiments.bench_epoch --malloc tuned       # both loops with experiments/host_malloc.py
     python -m experiments.bench_epoch --warm               # also ours with a filled compile cache
+    python -m experiments.bench_epoch --cpu_devices 2      # ours data parallel over 2 CPU devices
 
 Ours is `experiments.train --config configs/houlsby_r64.py` (the config's length buckets;
 compiles included in its loop time, as the persistent compile cache is off; `--warm` adds a
@@ -37,6 +38,7 @@ flags.DEFINE_enum("malloc", "default", host_malloc.MODES, "glibc malloc settings
 flags.DEFINE_bool("warm", False, "also time ours with a persistent compile cache that an untimed run filled "
                   "(what reruns and sweep trials pay; the cold run stays the headline)")
 flags.DEFINE_string("dtype", "", "our compute dtype (float32 or bfloat16); empty: the config's")
+flags.DEFINE_integer("cpu_devices", -1, "our mesh.cpu_devices (XLA devices the CPU is split into); -1: the config's")
 FLAGS = flags.FLAGS
 
 
@@ -53,6 +55,8 @@ def run_ours(workdir: str, compile_cache: str = "") -> dict:
            "--config.train.ckpt_every=1000000", f"--compile_cache={compile_cache}"]
     if FLAGS.dtype:
         cmd.append(f"--config.model.dtype={FLAGS.dtype}")
+    if FLAGS.cpu_devices >= 0:
+        cmd.append(f"--config.mesh.cpu_devices={FLAGS.cpu_devices}")
     t0 = time.perf_counter()
     env = {k: v for k, v in host_malloc.child_env(FLAGS.malloc).items() if k != "JAX_COMPILATION_CACHE_DIR"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -62,6 +66,8 @@ def run_ours(workdir: str, compile_cache: str = "") -> dict:
     metrics = os.path.join(workdir, "metrics.jsonl")
     train, ev = _last(metrics, "train_s"), _last(metrics, "eval_accuracy")
     name = "adapters_jax" + (" (warm compile cache)" if compile_cache else "")
+    if FLAGS.cpu_devices > 1:
+        name += f" ({FLAGS.cpu_devices} CPU devices)"
     return {"framework": name, "train_s": train["train_s"], "steps": train["step"],
             "steps_per_s": train["step"] / train["train_s"], "eval_accuracy": ev["eval_accuracy"], "wall_s": wall}
 

@@ -39,6 +39,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     logging.get_absl_handler().addFilter(_one_line_library_errors)
     import jax
+    from adapters_jax.parallel import set_cpu_devices
+    try:  # before anything starts the backend
+        set_cpu_devices(FLAGS.config.mesh.get("cpu_devices", 0))
+    except ValueError as e:
+        _exit_with_last_line(f"error: {e}")
     if FLAGS.compile_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
     if FLAGS.multihost:

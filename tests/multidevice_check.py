@@ -1,5 +1,5 @@
-"""Run as a script with XLA_FLAGS=--xla_force_host_platform_device_count=8: trains a tiny
-adapted model 5 steps on 1 device, with jit over an 8-device mesh (plain and fsdp-sharded
+"""Run as a script: splits the CPU into 8 devices (`parallel.set_cpu_devices`, as train's
+mesh.cpu_devices does), trains a tiny adapted model 5 steps on 1 device, with jit over an 8-device mesh (plain and fsdp-sharded
 frozen params, and with float32 dots in oneDNN) and with pmap, and prints the max differences as JSON."""
 import json
 import os
@@ -20,7 +20,13 @@ CFG = BertConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, inter
 
 
 def main():
+    parallel.set_cpu_devices(8)  # before any JAX op
     assert jax.device_count() == 8, jax.devices()
+    try:  # the backend is up now: a second split must be refused, not ignored
+        parallel.set_cpu_devices(2)
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
     model = AdaptedModel(BertModel(CFG, filler=spec_from_config("houlsby", bottleneck_dim=8)),
                          ClassificationHead(2, dropout=0.0))
     rng = np.random.default_rng(0)
@@ -62,7 +68,7 @@ def main():
         state, m = pstep(state, parallel.shard_for_pmap(b))
         losses.append(float(m["loss"][0]))
     results["pmap8"] = _diff(losses, losses_one, parallel.unreplicate(state.trainable), one.trainable)
-    json.dump(results, sys.stdout)
+    json.dump({"results": results, "late_split_error": refused}, sys.stdout)
 
 
 def _diff(losses, ref_losses, trainable, ref_trainable):

@@ -44,6 +44,9 @@ CASES = [
     # global batch not divisible by the device count (8 forced host devices)
     (H, ["--config.train.batch_size=12"], "train.batch_size=12 is not divisible by the device count 8"),
     (H, ["--config.mesh.fsdp=3"], "mesh.fsdp=3 must divide the device count 8"),
+    (H, ["--config.mesh.cpu_devices=-2"], "mesh.cpu_devices=-2 must be an integer >= 0"),
+    # a causal decoder's first token has read nothing after it
+    (H, ["--config.model.name=tiny-random-llama"], "head.pooling='cls' reads the first token"),
     # unknown names
     (H, ["--config.data.name=imdb"], "data.name='imdb': unknown dataset"),
     (H, ["--config.metric=f1"], "metric='f1' is not a classification metric"),

@@ -1,4 +1,5 @@
-"""jit over an 8-device CPU mesh and pmap give the single-device losses and params."""
+"""jit over an 8-device CPU mesh and pmap give the single-device losses and params; the CPU is
+split by `parallel.set_cpu_devices` (train's mesh.cpu_devices), which refuses a late call."""
 import json
 import os
 import subprocess
@@ -6,11 +7,14 @@ import sys
 
 
 def test_jit_and_pmap_on_8_cpu_devices_match_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run([sys.executable, "-m", "tests.multidevice_check"], env=env, capture_output=True,
                          text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads(out.stdout.strip().splitlines()[-1])
+    out = json.loads(out.stdout.strip().splitlines()[-1])
+    assert out["late_split_error"].startswith("mesh.cpu_devices=2: "), out["late_split_error"]
+    results = out["results"]
     assert set(results) == {"jit_data8", "jit_data4_fsdp2", "jit_data8_onednn", "pmap8"}
     for name, r in results.items():
         assert r["loss_moved"] > 1e-4, (name, r)  # the runs really trained
