@@ -1,6 +1,7 @@
 """Run as a script: splits the CPU into 8 devices (`parallel.set_cpu_devices`, as train's
-mesh.cpu_devices does), trains a tiny adapted model 5 steps on 1 device, with jit over an 8-device mesh (plain and fsdp-sharded
-frozen params, and with float32 dots in oneDNN) and with pmap, and prints the max differences as JSON."""
+mesh.cpu_devices does), trains a tiny adapted model 5 steps on 1 device, with jit over an
+8-device mesh (plain and fsdp-sharded frozen params, and with float32 dots in oneDNN) and with
+pmap, and prints the max differences as JSON."""
 import json
 import os
 import sys

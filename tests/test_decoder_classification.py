@@ -53,3 +53,31 @@ def test_last_token_logits_ignore_padding_and_see_the_whole_text():
     first_changed = ids.copy()
     first_changed[:, 0] = (ids[:, 0] % (LLAMA.vocab_size - 1)) + 1  # the first token reaches the last one
     assert np.all(np.abs(logits(first_changed) - base).max(axis=1) > 1e-4)
+
+
+def test_last_pooling_matches_hf_llama_for_sequence_classification(tmp_path):
+    """The oracle: transformers' LlamaForSequenceClassification, whose head reads the last
+    non-pad token through a bias-free score layer (ours gets that kernel and a zero bias)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from adapters_jax.backbones import llama_weights
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32,
+                                   num_labels=3, pad_token_id=0, tie_word_embeddings=False)
+    ref = transformers.LlamaForSequenceClassification(cfg).eval()
+    causal = transformers.LlamaForCausalLM(cfg)  # the same decoder, saved the way our loader reads it
+    causal.model.load_state_dict(ref.model.state_dict())
+    causal.save_pretrained(tmp_path, safe_serialization=True)
+    config, backbone = llama_weights.load(tmp_path)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(1, 60, (3, 9)).astype(np.int32)  # [B, T], no pad id among real tokens
+    mask = np.ones_like(ids)
+    ids[0, 6:], mask[0, 6:] = 0, 0  # right padding with the pad id, as HF's head finds it
+    ids[1, 2:], mask[1, 2:] = 0, 0
+    with torch.no_grad():
+        want = ref(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
+    model = AdaptedModel(LlamaModel(config), ClassificationHead(3, pooling="last", dropout=0.0))
+    head = {"out": {"kernel": ref.score.weight.detach().numpy().T, "bias": np.zeros(3, np.float32)}}
+    got = model.apply({"params": {"backbone": backbone, "head": head}}, {"input_ids": ids, "attention_mask": mask})
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
