@@ -21,7 +21,7 @@ from adapters_jax import checkpoint
 from adapters_jax.adapters import AdapterSetup
 from adapters_jax.backbones import sites
 from adapters_jax.compile_options import forward_jit
-from adapters_jax.heads import ClassificationHead
+from adapters_jax.heads import POOLINGS, ClassificationHead
 from adapters_jax.hub import load_backbone
 from adapters_jax.model import AdaptedModel
 
@@ -73,9 +73,9 @@ class AdapterServer:
             raise ValueError(f"{directory}: export has no adapter spec (a full fine-tuning export?)")
         head = meta.get("head")
         if not (isinstance(head, dict) and isinstance(head.get("num_labels"), int) and head["num_labels"] > 0
-                and head.get("pooling", "cls") in ("cls", "mean", "pooler")):
+                and head.get("pooling", "cls") in POOLINGS):
             raise ValueError(f"{directory}: adapter_config.json 'head' must be {{'num_labels': int > 0, "
-                             f"'pooling': 'cls' | 'mean' | 'pooler'}}, got {str(head)[:80]}")
+                             f"'pooling': {' | '.join(repr(p) for p in POOLINGS)}}}, got {str(head)[:80]}")
         name, own = name or spec.name, spec.name
         tree = rename_adapter(tree, spec.name, SLOT)
         spec = dataclasses.replace(spec, name=SLOT)
