@@ -28,7 +28,7 @@ class AdaptedModel(nn.Module):
     skip_unread_rows: bool = True
 
     def __call__(self, batch: dict, deterministic: bool = True):
-        if getattr(self.backbone, "causal", False) and getattr(self.head, "pooling", None) in ("cls", "pooler"):
+        if getattr(self.backbone, "causal", False) and getattr(self.head, "reads_first_token_only", False):
             raise ValueError(f"head.pooling={self.head.pooling!r} reads the first token, which a causal decoder "
                              f"({type(self.backbone).__name__}) lets see nothing after it; use 'last' (the last "
                              "real token, as HF's *ForSequenceClassification) or 'mean'")
