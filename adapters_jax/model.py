@@ -32,14 +32,20 @@ class AdaptedModel(nn.Module):
             raise ValueError(f"head.pooling={self.head.pooling!r} reads the first token, which a causal decoder "
                              f"({type(self.backbone).__name__}) lets see nothing after it; use 'last' (the last "
                              "real token, as HF's *ForSequenceClassification) or 'mean'")
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "adapter_ids",
-                                        "pixel_values")  # pixel_values [B, H, W, C]: image backbones (ViT)
-                  if k in batch and _accepts(self.backbone, k)}
+        inputs = backbone_inputs(self.backbone, batch)
         if (self.skip_unread_rows and getattr(self.head, "reads_first_token_only", False)
                 and _accepts(self.backbone, "first_token_only")):
             inputs["first_token_only"] = True
         outputs = self.backbone(**inputs, deterministic=deterministic)
         return self.head(outputs, deterministic=deterministic)
+
+
+def backbone_inputs(backbone: nn.Module, batch: dict) -> dict:
+    """The batch entries `backbone` takes, by keyword: each family names its own (BERT's third
+    argument is token_type_ids, a decoder's is position_ids), so none may be passed by position."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "adapter_ids",
+                                  "pixel_values")  # pixel_values [B, H, W, C]: image backbones (ViT)
+            if k in batch and _accepts(backbone, k)}
 
 
 def _accepts(module: nn.Module, arg: str) -> bool:

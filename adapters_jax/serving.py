@@ -23,7 +23,7 @@ from adapters_jax.backbones import sites
 from adapters_jax.compile_options import forward_jit
 from adapters_jax.heads import POOLINGS, ClassificationHead
 from adapters_jax.hub import load_backbone
-from adapters_jax.model import AdaptedModel
+from adapters_jax.model import AdaptedModel, backbone_inputs
 
 SLOT = "active"
 _SITES = set(sites.ALL_SITES) | {sites.SHARED}
@@ -142,8 +142,7 @@ class AdapterServer:
         if key not in self._programs:
             def run(p, b, adapter_ids):
                 self.compiles += 1
-                return backbone.apply({"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                                      adapter_ids=adapter_ids)
+                return backbone.apply({"params": p}, **backbone_inputs(backbone, {**b, "adapter_ids": adapter_ids}))
             self._programs[key] = forward_jit(run, dtype=self.backbone.model.dtype)
         outputs = self._programs[key](params, batch, ids)
         logits = []

@@ -68,12 +68,12 @@ def test_exports_for_another_base_or_with_pickles_are_refused(exports, tmp_path)
     assert not (tmp_path / "pwned").exists()
 
 
-def _random_export(server, spec, directory, seed):
+def _random_export(server, spec, directory, seed, pooling="cls"):
     """An export as training writes it (JSON + safetensors), with random adapter and head leaves."""
     import jax
     from flax import traverse_util
     from adapters_jax import checkpoint
-    head = {"num_labels": 3, "pooling": "cls"}
+    head = {"num_labels": 3, "pooling": pooling}
     shapes = traverse_util.flatten_dict(server._abstract(spec, head))
     rng = np.random.default_rng(seed)
     trainable = {k: (1.0 if k[-1] == "scale" else 0.0) + 0.3 * rng.standard_normal(v.shape).astype(np.float32)
@@ -95,6 +95,23 @@ def test_mixed_batches_of_lora_and_ia3_exports_match_each_adapter_alone(tmp_path
     alone = {name: server.predict(TEXTS, name) for name in specs}
     assert not np.allclose(alone["lora_qv"], alone["lora_ffn"])
     which = ["ia3", "lora_qv", "lora_ffn", "lora_ffn", "lora_qv"]
+    mixed = server.predict_mixed(TEXTS, which)
+    for row, name in enumerate(which):
+        np.testing.assert_allclose(mixed[row], alone[name][row], atol=1e-5)
+
+
+def test_mixed_batches_on_a_decoder_match_each_adapter_alone(tmp_path):
+    """A Llama's third argument is position_ids, not token_type_ids: the mixed path passes the
+    batch by keyword (it once passed token_type_ids by position, which moved every row to position 0)."""
+    from adapters_jax.adapters import spec_from_config
+    server = AdapterServer("tiny-random-llama", max_length=32)
+    specs = {"lora": spec_from_config("lora", name="lora", r=4, alpha=8),
+             "houlsby": spec_from_config("houlsby", name="houlsby", bottleneck_dim=8)}
+    for i, (name, spec) in enumerate(specs.items()):
+        server.load(_random_export(server, spec, tmp_path / name, seed=i, pooling="last"))
+    alone = {name: server.predict(TEXTS, name) for name in specs}
+    assert not np.allclose(alone["lora"], alone["houlsby"])
+    which = ["houlsby", "lora", "houlsby", "lora", "lora"]
     mixed = server.predict_mixed(TEXTS, which)
     for row, name in enumerate(which):
         np.testing.assert_allclose(mixed[row], alone[name][row], atol=1e-5)
