@@ -40,6 +40,15 @@ def default_pooling(backbone: nn.Module) -> str:
     return "last" if getattr(backbone, "causal", False) else "cls"
 
 
+def resolve_pooling(pooling: str, backbone: nn.Module) -> str:
+    """A config's head.pooling: 'auto' is the backbone's `default_pooling`; the others stay."""
+    if pooling == "auto":
+        return default_pooling(backbone)
+    if pooling not in POOLINGS:
+        raise ValueError(f"head.pooling={pooling!r} is not 'auto' or one of {POOLINGS}")
+    return pooling
+
+
 class ClassificationHead(nn.Module):
     """Sequence classification (num_labels > 1) or regression (num_labels == 1): [B, num_labels]."""
     num_labels: int

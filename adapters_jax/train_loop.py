@@ -20,7 +20,7 @@ from adapters_jax.adapters.fusion import regularization as fusion_regularization
 from adapters_jax.adapters.prefix import head_options
 from adapters_jax.backbones import attention
 from adapters_jax.data import make_datasets
-from adapters_jax.heads import BackboneLogits, ClassificationHead
+from adapters_jax.heads import BackboneLogits, ClassificationHead, resolve_pooling
 from adapters_jax.hub import adapter_sites, load_backbone
 from adapters_jax.model import AdaptedModel, init_with_base
 from adapters_jax.run_logging import RunLog
@@ -76,7 +76,7 @@ def build(config, backbone=None, base_sha256=None):
     if config.task == "lm":  # causal LM: the decoder's own (frozen) LM head gives the logits
         head = BackboneLogits()
     else:
-        head = ClassificationHead(config.data.num_labels, pooling=config.head.pooling,
+        head = ClassificationHead(config.data.num_labels, pooling=resolve_pooling(config.head.pooling, backbone.model),
                                   dropout=config.head.dropout, dtype=DTYPES[config.model.dtype])
     skip = config.model.get("skip_unread_rows", True)
     if not isinstance(skip, bool):
@@ -327,7 +327,7 @@ def export_meta(config, spec, backbone, data, base_sha256: str) -> dict:
     """What an adapter export records besides its weights (computed once per run)."""
     return {"spec": checkpoint.spec_to_dict(spec), "base_model": config.model.name,
             "base_path": backbone.path, "base_sha256": base_sha256,
-            "head": {"num_labels": data.num_labels, "pooling": config.head.pooling},
+            "head": {"num_labels": data.num_labels, "pooling": resolve_pooling(config.head.pooling, backbone.model)},
             "label_names": list(data.label_names), "task": config.task}
 
 

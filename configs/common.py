@@ -18,7 +18,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(name="minilm-l6", dtype="float32", frozen_dtype="auto",
                                              attention_backward="keep", skip_unread_rows=True))
     c.adapter = ml_collections.ConfigDict(dict(method="none"))
-    c.head = ml_collections.ConfigDict(dict(pooling="cls", dropout=0.1))
+    # pooling: auto (cls for encoders, the last real token for causal decoders) | cls | mean | pooler | last
+    c.head = ml_collections.ConfigDict(dict(pooling="auto", dropout=0.1))
     c.freeze = ml_collections.ConfigDict(dict(train_head=True, train_layernorm=False, train_bias=False,
                                               train_all=False))
     # data.name: rotten_tomatoes | bbc_news | tweet_sentiment | files | glue_tsv/<task> | glue/<task>

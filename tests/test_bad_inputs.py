@@ -46,7 +46,7 @@ CASES = [
     (H, ["--config.mesh.fsdp=3"], "mesh.fsdp=3 must divide the device count 8"),
     (H, ["--config.mesh.cpu_devices=-2"], "mesh.cpu_devices=-2 must be an integer >= 0"),
     # a causal decoder's first token has read nothing after it
-    (H, ["--config.model.name=tiny-random-llama"], "head.pooling='cls' reads the first token"),
+    (H, ["--config.model.name=tiny-random-llama", "--config.head.pooling=cls"], "head.pooling='cls' reads the first token"),
     # unknown names
     (H, ["--config.data.name=imdb"], "data.name='imdb': unknown dataset"),
     (H, ["--config.metric=f1"], "metric='f1' is not a classification metric"),

@@ -10,7 +10,7 @@ import pytest
 
 from adapters_jax.backbones.gpt2 import GPT2Config, GPT2Model
 from adapters_jax.backbones.llama import LlamaConfig, LlamaModel
-from adapters_jax.heads import ClassificationHead, default_pooling, pool
+from adapters_jax.heads import ClassificationHead, default_pooling, pool, resolve_pooling
 from adapters_jax.model import AdaptedModel
 
 LLAMA = LlamaConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -36,6 +36,15 @@ def test_causal_decoders_refuse_first_token_pooling(backbone):
     with pytest.raises(ValueError, match="head.pooling='cls' reads the first token"):
         model.init(jax.random.PRNGKey(0), {"input_ids": ids, "attention_mask": np.ones_like(ids)})
     assert default_pooling(backbone) == "last"
+
+
+def test_auto_pooling_is_last_for_decoders_and_cls_for_encoders():
+    from adapters_jax.backbones.bert import BertConfig, BertModel
+    assert resolve_pooling("auto", LlamaModel(LLAMA)) == "last"
+    assert resolve_pooling("auto", BertModel(BertConfig(num_layers=1))) == "cls"
+    assert resolve_pooling("mean", LlamaModel(LLAMA)) == "mean"  # an explicit choice stays
+    with pytest.raises(ValueError, match="head.pooling='first' is not 'auto' or one of"):
+        resolve_pooling("first", LlamaModel(LLAMA))
 
 
 def test_last_token_logits_ignore_padding_and_see_the_whole_text():
