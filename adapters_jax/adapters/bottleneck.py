@@ -25,6 +25,7 @@ from adapters_jax.adapters.activated_dense import ActivatedDense
 from adapters_jax.backbones import mixed_dense
 from adapters_jax.backbones.mixed_dense import is_bf16
 from adapters_jax.dropout import Dropout
+from adapters_jax.param import param
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -143,9 +144,9 @@ def bottleneck(module: nn.Module, c: BottleneckConfig, z, deterministic: bool, d
         up = activated_up(pre)
     up = up.astype(dtype)
     if c.scaling == "learned":
-        up = up * module.param("scaling", nn.initializers.ones, (1,)).astype(up.dtype)
+        up = up * param(module, "scaling", nn.initializers.ones, (1,)).astype(up.dtype)
     elif c.scaling == "channel":
-        up = up * module.param("scaling", nn.initializers.ones, (d,)).astype(up.dtype)
+        up = up * param(module, "scaling", nn.initializers.ones, (d,)).astype(up.dtype)
     elif c.scaling != 1.0:
         up = up * c.scaling
     return Dropout(c.dropout)(up, deterministic=deterministic)

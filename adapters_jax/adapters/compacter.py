@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from adapters_jax.adapters.bottleneck import BottleneckAdapter, BottleneckConfig, bottleneck
 from adapters_jax.backbones.mixed_dense import (float32_matmul, is_bf16, mixed_matmul, use_cpu_bf16_kernels,
                                                use_cpu_float32_matmul)
+from adapters_jax.param import param
 
 W_INITS = ("glorot-uniform", "glorot-normal", "normal")
 C_INITS = ("normal", "uniform")
@@ -85,10 +86,10 @@ def phm_rule(module: nn.Module, c: CompacterConfig, shared: bool):
     """The rule A [n, n, n], as parameters of `module` (call from its compact method)."""
     n, init = c.phm_dim, _rule_init(c, shared)
     if c.factorized_phm_rule:
-        left = module.param("phm_rule_left", init, (n, n, 1))
-        right = module.param("phm_rule_right", init, (n, 1, n))
+        left = param(module, "phm_rule_left", init, (n, n, 1))
+        right = param(module, "phm_rule_right", init, (n, 1, n))
         return jnp.einsum("ipk,iks->ips", left, right)
-    return module.param("phm_rule", init, (n, n, n))
+    return param(module, "phm_rule", init, (n, n, n))
 
 
 def _w_init(c: CompacterConfig):
@@ -114,23 +115,23 @@ class PHMDense(nn.Module):
             rule = phm_rule(self, c, shared=False)
         w_init = _w_init(c)
         if c.factorized_phm_W:
-            left = self.param("W_left", w_init, (n, a, c.phm_rank))
-            right = self.param("W_right", w_init, (n, c.phm_rank, b))
+            left = param(self, "W_left", w_init, (n, a, c.phm_rank))
+            right = param(self, "W_right", w_init, (n, c.phm_rank, b))
             w = jnp.einsum("iak,ikb->iab", left, right)  # [n, d_in/n, d_out/n]
         else:
-            w = self.param("W", w_init, (n, a, b))
+            w = param(self, "W", w_init, (n, a, b))
         # kron(A_i, W_i)[p*a + q, s*b + t] = A_i[p, s] W_i[q, t], summed over i
         h = jnp.einsum("ips,iqt->pqst", rule, w).reshape(d_in, self.features)
         if use_cpu_bf16_kernels(self.dtype):  # bf16 backbone on CPU: canonical bf16 dots (mixed_dense)
             y = mixed_matmul(x, h)  # [..., out] float32
             if c.use_bias:
-                y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(jnp.float32)
+                y = y + param(self, "bias", nn.initializers.zeros, (self.features,)).astype(jnp.float32)
             return y
         x, h = x.astype(self.dtype), h.astype(self.dtype)
         # float32 on XLA:CPU: dW on 2-D rows, the narrower side as rows (mixed_dense.weight_gradient)
         y = float32_matmul(x, h) if use_cpu_float32_matmul(self.dtype) else jnp.dot(x, h)
         if c.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+            y = y + param(self, "bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
         return y
 
 

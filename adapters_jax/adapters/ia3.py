@@ -25,6 +25,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from adapters_jax.adapters.lora import without_method, site_groups
 from adapters_jax.backbones import mixed_dense
+from adapters_jax.param import param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,7 @@ class IA3Scale(nn.Module):
 
     @nn.compact
     def __call__(self):
-        return self.param("scale", nn.initializers.ones, (self.size,), self.param_dtype)
+        return param(self, "scale", nn.initializers.ones, (self.size,), self.param_dtype)
 
 
 @jax.custom_vjp

@@ -38,6 +38,7 @@ from adapters_jax.backbones import mixed_dense, sites
 from adapters_jax.backbones.mixed_dense import (float32_matmul, mixed_matmul, use_cpu_bf16_kernels,
                                                use_cpu_float32_matmul)
 from adapters_jax.dropout import Dropout
+from adapters_jax.param import param
 
 INITS = ("kaiming", "gaussian")
 
@@ -77,8 +78,8 @@ class LoRAFactors(nn.Module):
         d_in = x.shape[-1]
         a_init = (nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform") if c.init == "kaiming"
                   else nn.initializers.normal(1.0 / c.r))
-        a = self.param("lora_a", a_init, (d_in, c.r), self.param_dtype)  # [in, r]
-        b = self.param("lora_b", nn.initializers.zeros, (c.r, self.features), self.param_dtype)  # [r, out]
+        a = param(self, "lora_a", a_init, (d_in, c.r), self.param_dtype)  # [in, r]
+        b = param(self, "lora_b", nn.initializers.zeros, (c.r, self.features), self.param_dtype)  # [r, out]
         dtype = self.dtype or x.dtype
         train = c.dropout > 0.0 and self.has_rng("dropout") and not self.is_initializing()
         x = Dropout(c.dropout)(x, deterministic=not train)

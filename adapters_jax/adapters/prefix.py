@@ -33,6 +33,7 @@ from flax import traverse_util
 
 from adapters_jax.adapters.lora import layer_of
 from adapters_jax.backbones import sites
+from adapters_jax.param import param
 
 NON_LINEARITIES = {"tanh": jnp.tanh, "relu": jax.nn.relu, "gelu": jax.nn.gelu, "swish": jax.nn.silu,
                    "silu": jax.nn.silu, "identity": lambda x: x}
@@ -100,11 +101,11 @@ class PrefixTuning(nn.Module):
         c = self.config
         shape = (c.prefix_length, c.kv_heads, c.head_dim)  # [P, H_kv, Dh]
         if c.flat:
-            keys = self.param("keys", nn.initializers.normal(c.init_std), shape)
-            values = self.param("values", nn.initializers.normal(c.init_std), shape)
+            keys = param(self, "keys", nn.initializers.normal(c.init_std), shape)
+            values = param(self, "values", nn.initializers.normal(c.init_std), shape)
         else:
             torch_kernel = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # torch Linear default
-            e = self.param("embedding", nn.initializers.normal(c.init_std), (c.prefix_length, c.input_dim))
+            e = param(self, "embedding", nn.initializers.normal(c.init_std), (c.prefix_length, c.input_dim))
             h = nn.Dense(c.bottleneck_size, kernel_init=torch_kernel,
                          bias_init=_torch_linear_bias(c.input_dim), name="down")(e)
             h = NON_LINEARITIES[c.non_linearity](h)  # [P, bottleneck]

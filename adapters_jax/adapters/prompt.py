@@ -25,6 +25,7 @@ import numpy as np
 from flax import traverse_util
 
 from adapters_jax.backbones import sites
+from adapters_jax.param import param
 
 INITS = ("normal", "uniform")
 WORD_TABLES = (("embeddings", "word_embeddings", "embedding"), ("embed_tokens", "embedding"))
@@ -57,7 +58,7 @@ class PromptTuning(nn.Module):
         else:
             init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -c.init_scale,
                                                                             c.init_scale)
-        prompt = self.param("embedding", init, (c.n_tokens, d))  # [P, D]
+        prompt = param(self, "embedding", init, (c.n_tokens, d))  # [P, D]
         prompt = jnp.broadcast_to(prompt.astype(x.dtype)[None], (b, c.n_tokens, d))
         x = jnp.concatenate([prompt, x], axis=1)  # [B, P+T, D]
         mask = jnp.concatenate([jnp.ones((b, c.n_tokens), mask.dtype), mask], axis=1)  # [B, P+T]

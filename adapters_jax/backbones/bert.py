@@ -19,6 +19,7 @@ from adapters_jax.backbones.gelu import gelu_exact
 from adapters_jax.backbones.grad_barrier import grad_barrier
 from adapters_jax.backbones.layer_norm import layer_norm
 from adapters_jax.dropout import Dropout
+from adapters_jax.param import param
 
 ACTIVATIONS = {
     "gelu": gelu_exact,  # jax.nn.gelu(approximate=False), keeping only x for the backward
@@ -90,8 +91,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        scale = param(self, "scale", nn.initializers.ones, (d,), jnp.float32)
+        bias = param(self, "bias", nn.initializers.zeros, (d,), jnp.float32)
         y = layer_norm(x.astype(jnp.float32), scale, bias, self.eps)  # [..., D] float32
         return grad_barrier(y)  # its gradient is computed once (see grad_barrier.py)
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from adapters_jax.backbones import sites
 from adapters_jax.backbones.attention import self_attention
 from adapters_jax.backbones.bert import ACTIVATIONS
+from adapters_jax.param import param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +88,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return (y * scale).astype(self.dtype)

@@ -31,6 +31,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from adapters_jax.backbones.grad_barrier import not_before
+from adapters_jax.param import param
 
 
 def materialized_permute(a: jnp.ndarray, perm: tuple) -> jnp.ndarray:
@@ -235,6 +236,6 @@ class Dense(nn.Dense):
 
     def parameters(self, in_features: int):
         """(kernel [K, N], bias [N] or None), created as nn.Dense creates them."""
-        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        kernel = param(self, "kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        bias = param(self, "bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
         return kernel, bias

@@ -34,6 +34,7 @@ from adapters_jax.backbones.attention import attend, build_mask, with_prefix
 from adapters_jax.backbones.bert import ACTIVATIONS
 from adapters_jax.backbones.llama import RMSNorm  # T5LayerNorm is exactly RMSNorm with a scale
 from adapters_jax.dropout import Dropout
+from adapters_jax.param import param
 
 IGNORE_INDEX = -100  # label value that the loss skips, as in HF
 
@@ -130,7 +131,7 @@ class RelativeBias(nn.Module):
         rel = jnp.arange(key_len)[None, :] - jnp.arange(query_len)[:, None]  # [T, S]
         bucket = relative_position_bucket(rel, self.bidirectional, c.relative_attention_num_buckets,
                                           c.relative_attention_max_distance)
-        table = self.param("embedding", nn.initializers.normal(c.initializer_factor * c.hidden_size ** -0.5),
+        table = param(self, "embedding", nn.initializers.normal(c.initializer_factor * c.hidden_size ** -0.5),
                            (c.relative_attention_num_buckets, c.num_heads), jnp.float32)
         return jnp.transpose(table[bucket], (2, 0, 1))[None]  # [T, S, H] -> [1, H, T, S]
 

@@ -19,6 +19,7 @@ from adapters_jax.backbones.attention import self_attention
 from adapters_jax.backbones.bert import ACTIVATIONS, LayerNorm
 from adapters_jax.backbones.grad_barrier import grad_barrier
 from adapters_jax.dropout import Dropout
+from adapters_jax.param import param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +111,8 @@ class ViTEmbeddings(nn.Module):
         init = nn.initializers.truncated_normal(c.initializer_range)
         patches = patchify(pixel_values.astype(self.dtype), c.patch_size)  # [B, N, p*p*C]
         x = nn.Dense(c.hidden_size, dtype=self.dtype, kernel_init=init, name="patch_embed")(patches)
-        cls = self.param("cls_token", init, (1, 1, c.hidden_size), jnp.float32)
-        pos = self.param("position_embeddings", init, (1, c.num_patches + 1, c.hidden_size), jnp.float32)
+        cls = param(self, "cls_token", init, (1, 1, c.hidden_size), jnp.float32)
+        pos = param(self, "position_embeddings", init, (1, c.num_patches + 1, c.hidden_size), jnp.float32)
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c.hidden_size)).astype(x.dtype), x], axis=1)
         x = x + pos.astype(x.dtype)  # [B, N+1, D]
         return Dropout(c.hidden_dropout)(x, deterministic=deterministic)
