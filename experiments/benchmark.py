@@ -9,7 +9,8 @@ Each method runs in its own subprocess (--isolate, the default), so its peak hos
 own. FLOPs come from XLA's cost analysis of the compiled step (what XLA will run) and from
 an analytic count that knows a frozen weight has no weight-gradient matmul and that no
 gradient flows below the lowest trainable layer; MFU is the analytic count per second over
-the matmul peak the harness measures itself. `--adapterhub` times PyTorch AdapterHub on the
+the matmul peak the harness measures itself, before and after the methods run (the best
+reading counts: a shared VM's peak moved 91-142 GFLOP/s within an hour). `--adapterhub` times PyTorch AdapterHub on the
 same model, shapes and threads in the same run; `--inference` times forward latency of the
 base vs adapted and merged-LoRA models; `--malloc tuned` runs every timed subprocess with
 glibc settings that keep XLA:CPU's step temporaries resident (experiments/host_malloc.py).
@@ -217,6 +218,7 @@ def main(argv):
               f"{r['throughput_ratio']:.2f}")
         return
     peak = FLAGS.peak_gflops * 1e9 or (0.0 if FLAGS.flops_only else matmul_peak(dtype))
+    readings = [peak / 1e9] if peak and not FLAGS.peak_gflops else []
     title = (f"{FLAGS.model} batch {FLAGS.batch} x {FLAGS.seq}, {FLAGS.dtype}, {jax.device_count()} "
              f"{jax.devices()[0].platform} device(s), {os.cpu_count()} CPU threads, "
              f"matmul peak {peak / 1e9:.0f} GFLOP/s, frozen base {jnp.dtype(frozen).name}, malloc {FLAGS.malloc}, "
@@ -232,12 +234,21 @@ def main(argv):
                           frozen_dtype=frozen, skip_unread_rows=FLAGS.skip_unread_rows, devices=FLAGS.cpu_devices))
         print(f"[{i + 1}/{len(methods)}] {method}: {time.perf_counter() - t:.0f}s "
               + (f"step {rows[-1]['step_s']:.3f}s" if "step_s" in rows[-1] else ""), flush=True)
+    if readings:  # a shared VM's peak moves within minutes: measure again, keep the best reading
+        readings.append(matmul_peak(dtype) / 1e9)
+        peak = max(readings) * 1e9
+        for r in rows:
+            if r.get("achieved_gflops") is not None:
+                r["mfu"] = r["achieved_gflops"] * 1e9 / peak
+        title = title.replace(f"matmul peak {readings[0]:.0f} GFLOP/s",
+                              f"matmul peak {peak / 1e9:.0f} GFLOP/s (best of {', '.join(f'{x:.0f}' for x in readings)})")
     torch_rows = adapterhub_rows(methods) if FLAGS.adapterhub and not FLAGS.flops_only else []
     print("\n" + title + "\n" + format_train_table(rows, FLAGS.flops_only))
     for line in comparisons(rows, torch_rows):
         print(line)
     result = {"model": FLAGS.model, "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype,
-              "cpu_threads": os.cpu_count(), "matmul_peak_gflops": peak / 1e9, "malloc": FLAGS.malloc,
+              "cpu_threads": os.cpu_count(), "matmul_peak_gflops": peak / 1e9,
+              "matmul_peak_readings_gflops": readings, "malloc": FLAGS.malloc,
               "frozen_dtype": jnp.dtype(frozen).name, "attention_backward": FLAGS.attention_backward,
               "skip_unread_rows": FLAGS.skip_unread_rows, "cpu_devices": FLAGS.cpu_devices, "dots": describe(dtype), "rows": rows, "adapterhub": torch_rows}
     if FLAGS.inference:
