@@ -19,6 +19,8 @@ def pool(outputs: dict, pooling: str) -> jnp.ndarray:
     """[B, D] sentence vector: the first token, the masked mean, BERT's tanh pooler, or the last
     real token (causal decoders, where only it has read the whole text; HF's
     *ForSequenceClassification pools it too). Left or right padding."""
+    if "segment_starts" in outputs:
+        return pool_packed(outputs, pooling)
     x, mask = outputs["last_hidden_state"], outputs["attention_mask"]
     if pooling == "cls":
         return x[:, 0]
@@ -32,6 +34,26 @@ def pool(outputs: dict, pooling: str) -> jnp.ndarray:
         if "pooler_output" not in outputs:
             raise ValueError("head.pooling='pooler' but the backbone has no pooler; use 'cls' or 'mean'")
         return outputs["pooler_output"]
+    raise ValueError(f"head.pooling={pooling!r} is not one of {POOLINGS}")
+
+
+def pool_packed(outputs: dict, pooling: str) -> jnp.ndarray:
+    """[B, S, D]: `pool` for each example of packed rows (segment_ids [B, T], segment_starts [B, S]);
+    an empty slot gives the row's first vector (its weight is 0)."""
+    x, seg, starts = outputs["last_hidden_state"], outputs["segment_ids"], outputs["segment_starts"]
+    if pooling == "cls":
+        return jnp.take_along_axis(x, starts[..., None], axis=1)  # [B, S, D]
+    if pooling == "pooler":
+        if "pooler_output" not in outputs:
+            raise ValueError("head.pooling='pooler' but the backbone has no pooler; use 'cls' or 'mean'")
+        return outputs["pooler_output"]
+    member = seg[:, None, :] == jnp.arange(1, starts.shape[1] + 1)[None, :, None]  # [B, S, T]
+    if pooling == "mean":
+        m = member.astype(jnp.float32)
+        return jnp.einsum("bst,btd->bsd", m, x.astype(jnp.float32)) / jnp.maximum(m.sum(-1, keepdims=True), 1.0)
+    if pooling == "last":
+        last = jnp.max(jnp.where(member, jnp.arange(seg.shape[1]), 0), axis=-1)  # [B, S]
+        return jnp.take_along_axis(x, last[..., None], axis=1)
     raise ValueError(f"head.pooling={pooling!r} is not one of {POOLINGS}")
 
 
@@ -50,7 +72,8 @@ def resolve_pooling(pooling: str, backbone: nn.Module) -> str:
 
 
 class ClassificationHead(nn.Module):
-    """Sequence classification (num_labels > 1) or regression (num_labels == 1): [B, num_labels]."""
+    """Sequence classification (num_labels > 1) or regression (num_labels == 1): [B, num_labels],
+    or [B, S, num_labels] for packed rows (one per example slot)."""
     num_labels: int
     pooling: str = "cls"
     dropout: float = 0.1

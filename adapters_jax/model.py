@@ -33,8 +33,11 @@ class AdaptedModel(nn.Module):
                              f"({type(self.backbone).__name__}) lets see nothing after it; use 'last' (the last "
                              "real token, as HF's *ForSequenceClassification) or 'mean'")
         inputs = backbone_inputs(self.backbone, batch)
+        if "segment_ids" in batch and "segment_ids" not in inputs:
+            raise ValueError(f"data.pack: {type(self.backbone).__name__} does not take packed rows "
+                             "(segment_ids); BERT-family encoders do. Set data.pack=False")
         if (self.skip_unread_rows and getattr(self.head, "reads_first_token_only", False)
-                and _accepts(self.backbone, "first_token_only")):
+                and accepts(self.backbone, "first_token_only")):
             inputs["first_token_only"] = True
         outputs = self.backbone(**inputs, deterministic=deterministic)
         return self.head(outputs, deterministic=deterministic)
@@ -44,11 +47,13 @@ def backbone_inputs(backbone: nn.Module, batch: dict) -> dict:
     """The batch entries `backbone` takes, by keyword: each family names its own (BERT's third
     argument is token_type_ids, a decoder's is position_ids), so none may be passed by position."""
     return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "adapter_ids",
+                                  "segment_ids", "segment_starts",  # packed rows (data.packing)
                                   "pixel_values")  # pixel_values [B, H, W, C]: image backbones (ViT)
-            if k in batch and _accepts(backbone, k)}
+            if k in batch and accepts(backbone, k)}
 
 
-def _accepts(module: nn.Module, arg: str) -> bool:
+def accepts(module: nn.Module, arg: str) -> bool:
+    """Whether the module's __call__ takes `arg`."""
     import inspect
     return arg in inspect.signature(type(module).__call__).parameters
 

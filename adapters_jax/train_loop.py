@@ -118,11 +118,23 @@ def check_config(config) -> None:
         raise ValueError(f"head.dropout={config.head.dropout} must be in [0, 1)")
     if config.data.get("max_length", 2) < 2:
         raise ValueError(f"data.max_length={config.data.max_length} must be >= 2")
+    _check_packing(config)
     from adapters_jax.data import registry
     try:
         registry.loader(config.data.name)
     except ValueError as e:
         raise ValueError(f"data.name={config.data.name!r}: {e}") from None
+
+
+def _check_packing(config) -> None:
+    d = config.data
+    pack_mode(config)
+    if d.get("pack_segments", 16) < 1:
+        raise ValueError(f"data.pack_segments={d.pack_segments} must be >= 1")
+    rows = d.get("pack_rows", 0)
+    if rows < 0 or rows % config.train.accum_steps:
+        raise ValueError(f"data.pack_rows={rows} must be 0 (auto) or a positive multiple of "
+                         f"train.accum_steps={config.train.accum_steps}")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -135,7 +147,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     data = make_datasets(config.data.name, backbone.tokenizer, tr.batch_size, config.data.max_length,
                          seed=config.seed, eval_batch_size=tr.eval_batch_size,
                          buckets=tuple(config.data.buckets), max_eval_examples=config.data.get("max_eval_examples", 0),
-                         **source_kwargs(config))
+                         **pack_kwargs(config, backbone.model), **source_kwargs(config))
     with config.unlocked():
         config.data.num_labels = data.num_labels
     base_sha256 = checkpoint.base_fingerprint(backbone.path)  # read once: fusion checks and the export
@@ -156,8 +168,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     log.message(f"workdir {workdir}: {'resuming from step ' + str(start) if start else 'starting'}; "
                 f"{total} steps, {data.steps_per_epoch} per epoch, {jax.device_count()} devices")
     log.message(compile_options.describe(DTYPES[config.model.dtype]))
+    log.message(f"train batches: {getattr(data.train, 'dataset', data.train)}")
 
-    step_fn, eval_fn, put_state, put_batch, get_metrics = make_steps(config, model, tx, state)
+    step_fn, eval_fn, put_state, put_batch, get_metrics = make_steps(config, model, tx, state, data.train_rows)
     state = put_state(state)
     best_key = f"eval_{config.metric}"
     best = _best_so_far(workdir, best_key)
@@ -240,6 +253,50 @@ def setup_state(config, backbone, data, base_sha256=None):
     return backbone, spec, model, params, labels, tx, sched, state
 
 
+def packing_unsupported(config, backbone_model) -> str:
+    """Why this run cannot train on packed rows ('' when it can)."""
+    from adapters_jax.data import images
+    from adapters_jax.model import accepts
+    if config.task == "lm":
+        return "task='lm' (packing is for classification and regression rows)"
+    if config.data.name in images.IMAGE_DATASETS:
+        return f"data.name={config.data.name!r} is an image dataset"
+    if config.adapter.get("method") == "prompt":
+        return "prompt tuning puts its tokens in front of the row, not of each packed example"
+    if not accepts(backbone_model, "segment_ids"):
+        return f"{type(backbone_model).__name__} does not take packed rows (segment_ids); BERT-family encoders do"
+    return ""
+
+
+PACK_MODES = {"auto": "auto", "true": True, "false": False}
+
+
+def pack_mode(config):
+    """config.data.pack as 'auto', True or False (the field is a string: 'auto', 'true', 'false')."""
+    value = config.data.get("pack", "false")
+    mode = value if isinstance(value, bool) else PACK_MODES.get(str(value).lower())
+    if mode is None:
+        raise ValueError(f"data.pack={value!r} must be 'auto', 'true' or 'false'")
+    return mode
+
+
+def pack_kwargs(config, backbone_model) -> dict:
+    """make_datasets' packing arguments from config.data: pack 'auto' packs where the task, data,
+    method and backbone allow it, 'true' insists (one-line error otherwise), 'false' never packs.
+    Packed rows split evenly over the devices and the accumulation steps."""
+    d = config.data
+    mode = pack_mode(config)
+    if mode is False:
+        return {}
+    why = packing_unsupported(config, backbone_model)
+    if why:
+        if mode is True:
+            raise ValueError(f"data.pack=true: {why}; set data.pack to 'false' or 'auto'")
+        return {}
+    return {"pack": True, "pack_rows": d.get("pack_rows", 0), "pack_segments": d.get("pack_segments", 16),
+            "pack_row_multiple": int(np.lcm(jax.device_count(), config.train.accum_steps))}
+
+
 def source_kwargs(config) -> dict:
     kw = {}
     if config.data.data_dir:
@@ -259,8 +316,9 @@ def source_kwargs(config) -> dict:
     return kw
 
 
-def make_steps(config, model, tx, state):
-    """(step, eval, put_state, put_batch, get_metrics) for config.parallelism 'jit' or 'pmap'."""
+def make_steps(config, model, tx, state, train_rows: int = 0):
+    """(step, eval, put_state, put_batch, get_metrics) for config.parallelism 'jit' or 'pmap'.
+    train_rows: the global train batch's leading dimension when it is not train.batch_size (packed rows)."""
     tr = config.train
     kw = dict(task=config.task, accum_steps=tr.accum_steps, skip_nonfinite=tr.skip_nonfinite)
     setup = model.backbone.filler
@@ -280,7 +338,10 @@ def make_steps(config, model, tx, state):
                          "split it before JAX starts (experiments.train does; from Python, call "
                          "parallel.set_cpu_devices first)")
     mesh = parallel.make_mesh(config.mesh.fsdp)
-    parallel.check_batch(tr.batch_size, mesh, "train.batch_size")
+    if train_rows and train_rows != tr.batch_size:
+        parallel.check_batch(train_rows, mesh, "data.pack_rows")
+    else:
+        parallel.check_batch(tr.batch_size, mesh, "train.batch_size")
     parallel.check_batch(tr.eval_batch_size, mesh, "train.eval_batch_size")
     sh = parallel.state_shardings(state, mesh, config.mesh.shard_frozen)
     dtype = DTYPES[config.model.dtype]

@@ -66,17 +66,18 @@ def lm_token_nll(logits: jnp.ndarray, batch: dict) -> tuple[jnp.ndarray, jnp.nda
 
 def task_loss(logits: jnp.ndarray, batch: dict, task: str) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(weighted mean loss, total weight). logits [B, C] (classification), [B, 1] (regression), or
-    [B, T, V] (lm: mean next-token NLL over real target tokens; the weight is their count)."""
+    [B, T, V] (lm: mean next-token NLL over real target tokens; the weight is their count).
+    Packed rows: logits [B, S, C or 1] with labels and weights [B, S] (0 on empty slots)."""
     if task == "lm":
         nll, w = lm_token_nll(logits, batch)
         total = w.sum()
         return (nll * w).sum() / jnp.maximum(total, 1.0), total
     labels = batch["labels"]
-    weights = batch.get("weights", jnp.ones(labels.shape[0], jnp.float32)).astype(jnp.float32)  # [B]
+    weights = batch.get("weights", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)  # [B] or [B, S]
     if task == "classification":
         per_row = optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
     elif task == "regression":
-        per_row = jnp.square(logits[:, 0] - labels.astype(jnp.float32))
+        per_row = jnp.square(logits[..., 0] - labels.astype(jnp.float32))
     else:
         raise ValueError(f"task={task!r} is not one of {TASKS}")
     total = weights.sum()

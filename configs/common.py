@@ -27,9 +27,15 @@ def base_config() -> ml_collections.ConfigDict:
     # buckets: padded lengths. Each one a run uses costs a compile; finer ones cut padding.
     # `python -m experiments.choose_buckets --config ...` picks them for a dataset and machine:
     # these are its pick for Rotten Tomatoes on MiniLM (1 or 3 epochs).
+    # pack: train on packed rows (several examples per row, each attending only to itself; one compile,
+    # almost no padding) instead of buckets. 'auto' packs where it can (BERT-family encoders,
+    # classification and regression, not prompt tuning), 'true' insists, 'false' uses the buckets.
+    # pack_rows 0 fits batch_size examples of the mean length per step; pack_segments caps the
+    # examples in one row. Eval keeps the buckets.
     c.data = ml_collections.ConfigDict(dict(name="rotten_tomatoes", max_length=128,
                                             buckets=(16, 32, 48, 80, 128), data_dir="", files="",
-                                            glue_dir="", num_labels=2, skip_bad_rows=False))
+                                            glue_dir="", num_labels=2, skip_bad_rows=False,
+                                            pack="auto", pack_rows=0, pack_segments=16))
     c.train = ml_collections.ConfigDict(dict(
         batch_size=32, eval_batch_size=64, num_epochs=3, num_steps=-1, accum_steps=1,
         log_every=20, eval_every=-1, ckpt_every=200, max_to_keep=2,  # eval_every -1: once per epoch

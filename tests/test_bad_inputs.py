@@ -42,7 +42,14 @@ CASES = [
     (H, ["--config.train.batch_size=0"], "train.batch_size=0 must be > 0"),
     (H, ["--config.train.accum_steps=3"], "train.batch_size=8 is not divisible by train.accum_steps=3"),
     # global batch not divisible by the device count (8 forced host devices)
-    (H, ["--config.train.batch_size=12"], "train.batch_size=12 is not divisible by the device count 8"),
+    (H, ["--config.train.batch_size=12", "--config.data.pack=false"],
+     "train.batch_size=12 is not divisible by the device count 8"),
+    (H, ["--config.data.pack_rows=4"], "data.pack_rows=4 is not divisible by the device count 8"),
+    (H, ["--config.data.pack_rows=3", "--config.train.accum_steps=2"],
+     "data.pack_rows=3 must be 0 (auto) or a positive multiple of train.accum_steps=2"),
+    (H, ["--config.data.pack=yes"], "data.pack='yes' must be 'auto', 'true' or 'false'"),
+    (H, ["--config.model.name=tiny-random-llama", "--config.data.pack=true"],
+     "data.pack=true: LlamaModel does not take packed rows"),
     (H, ["--config.mesh.fsdp=3"], "mesh.fsdp=3 must divide the device count 8"),
     (H, ["--config.mesh.cpu_devices=-2"], "mesh.cpu_devices=-2 must be an integer >= 0"),
     # a causal decoder's first token has read nothing after it

@@ -26,12 +26,16 @@ def build_mask(query_len: int, key_mask: jnp.ndarray, causal: bool, n_prefix: in
 
     Args:
       query_len: Tq.
-      key_mask: [B, Tk] 1 for real tokens, 0 for padding.
+      key_mask: [B, Tk] 1 for real tokens, 0 for padding; or a pair mask [B, 1, T, Tk] (packed rows:
+        `segment_mask`), of which the first Tq query rows are used.
       causal: also hide keys that come after the query (decoders).
       n_prefix: P prefix keys that every query sees (prefix tuning).
     """
-    b, tk = key_mask.shape
-    mask = key_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, Tk]
+    if key_mask.ndim == 4:
+        mask = key_mask.astype(bool)[:, :, :query_len]  # [B, 1, Tq, Tk]
+    else:
+        mask = key_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, Tk]
+    b, tk = mask.shape[0], mask.shape[-1]
     if causal:
         offset = tk - query_len  # > 0 when a cache of earlier keys precedes the queries
         q_pos = jnp.arange(query_len)[:, None] + offset
@@ -41,6 +45,21 @@ def build_mask(query_len: int, key_mask: jnp.ndarray, causal: bool, n_prefix: in
     if n_prefix:
         mask = jnp.concatenate([jnp.ones((b, 1, query_len, n_prefix), bool), mask], axis=-1)
     return mask
+
+
+def take_rows(x: jnp.ndarray, rows) -> jnp.ndarray:
+    """x [B, T, ...] at `rows`: None (all), an int n (the first n) or positions [B, Tq]."""
+    if rows is None:
+        return x
+    if isinstance(rows, int):
+        return x[:, :rows]
+    return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def segment_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """Pair mask [B, 1, T, T] of packed rows (segment_ids [B, T], 0 on padding): a token attends
+    the tokens of its own example only; padding attends padding, so no query row is empty."""
+    return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
 
 
 def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
@@ -189,9 +208,10 @@ def self_attention(module: nn.Module, x: jnp.ndarray, key_mask: jnp.ndarray, den
       dense: (site, features) -> a dense site of the backbone, called as `(x)` (the backbone binds
         its bias, init and the per-call adapter context, which per-row LoRA/IA3 sites read).
       rotate: optional [B, T, H, Dh] -> same (Llama's RoPE), applied to queries and keys.
-      query_rows: only the first `query_rows` positions ask (Tq = query_rows): every key and value
-        is still computed, but the query projection, the scores and the context cover only those
-        rows. For an encoder's last layer when the head reads only the first token.
+      query_rows: only these positions ask: an int (the first `query_rows`, Tq = query_rows) or
+        positions [B, Tq] (packed rows: each example's first token). Every key and value is still
+        computed, but the query projection, the scores and the context cover only those rows. For
+        an encoder's last layer when the head reads only the first token.
     Returns:
       the attention context [B, Tq, H * Dh] (Tq = T unless query_rows), before the output projection.
     """
@@ -199,8 +219,10 @@ def self_attention(module: nn.Module, x: jnp.ndarray, key_mask: jnp.ndarray, den
     hkv = num_kv_heads or num_heads
     if query_rows is not None and (causal or rotate is not None):
         raise ValueError("query_rows is for non-causal attention without rotary positions")
-    xq = x if query_rows is None else x[:, :query_rows]  # [B, Tq, D]
+    xq = take_rows(x, query_rows)  # [B, Tq, D]
     tq = xq.shape[1]
+    if key_mask.ndim == 4 and query_rows is not None:  # a pair mask keeps the rows that ask
+        key_mask = take_rows(key_mask[:, 0], query_rows)[:, None]  # [B, 1, Tq, T]
     q = dense(sites.QUERY, num_heads * head_dim)(xq).reshape(b, tq, num_heads, head_dim)  # [B, Tq, H, Dh]
     k = dense(sites.KEY, hkv * head_dim)(x).reshape(b, t, hkv, head_dim)  # [B, T, Hkv, Dh]
     v = dense(sites.VALUE, hkv * head_dim)(x).reshape(b, t, hkv, head_dim)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
-from adapters_jax.backbones.attention import self_attention
+from adapters_jax.backbones.attention import segment_mask, self_attention, take_rows
 from adapters_jax.backbones.gelu import gelu_exact
 from adapters_jax.backbones.grad_barrier import grad_barrier
 from adapters_jax.backbones.layer_norm import layer_norm
@@ -97,14 +97,28 @@ class LayerNorm(nn.Module):
         return grad_barrier(y)  # its gradient is computed once (see grad_barrier.py)
 
 
+def segment_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """[B, T] each token's position inside its packed example (segment_ids [B, T], examples
+    contiguous): the index minus that of the segment's first token."""
+    t = jnp.arange(segment_ids.shape[1])
+    first = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)  # [B, T] a segment starts
+    start = jax.lax.cummax(jnp.where(first, t, 0), axis=1)  # [B, T] its start
+    return t - start
+
+
 class BertEmbeddings(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids, attention_mask, deterministic: bool):
+    def __call__(self, input_ids, token_type_ids, attention_mask, deterministic: bool, segment_ids=None):
         c = self.config
-        if c.roberta_positions:  # RoBERTa: positions count real tokens, starting past the pad id
+        if segment_ids is not None:  # packed rows: positions restart at each example's first token
+            position_ids = segment_positions(segment_ids)  # [B, T]
+            if c.roberta_positions:
+                position_ids = jnp.where(segment_ids > 0, position_ids + c.pad_token_id + 1, c.pad_token_id)
+        elif c.roberta_positions:  # RoBERTa: positions count real tokens, starting past the pad id
             real = (input_ids != c.pad_token_id).astype(jnp.int32)
             position_ids = jnp.cumsum(real, axis=1) * real + c.pad_token_id
         else:
@@ -142,21 +156,22 @@ class BertAttention(nn.Module):
 class BertLayer(nn.Module):
     """One post-LN block: attention -> [attn site] -> FFN -> [ffn site].
 
-    With `first_token_only` the block returns only position 0 ([B, 1, D]): keys and values still
-    come from every position, but the query, the attention output, the adapters, the norms and
-    the FFN run on one row instead of T. Every op after attention is per token, so that row is
-    the one the full block computes (`tests/test_first_token_only.py`)."""
+    With `query_rows` the block returns only those rows: 1 (position 0, [B, 1, D]) or positions
+    [B, S] (each packed example's first token, [B, S, D]). Keys and values still come from every
+    position, but the query, the attention output, the adapters, the norms and the FFN run on
+    those rows instead of T. Every op after attention is per token, so the rows are the ones the
+    full block computes (`tests/test_first_token_only.py`, `tests/test_packing.py`)."""
     config: BertConfig
     layer: int
     filler: Optional[sites.SiteFiller] = None
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, deterministic: bool, ctx=None, first_token_only: bool = False):
+    def __call__(self, x, key_mask, deterministic: bool, ctx=None, query_rows=None):
         c = self.config
         attn = BertAttention(c, self.layer, self.filler, self.dtype, name="attention")(
-            x, key_mask, deterministic, ctx, query_rows=1 if first_token_only else None)  # [B, Tq, D]
-        x = x[:, :1] if first_token_only else x  # the residual rows that attention answered
+            x, key_mask, deterministic, ctx, query_rows=query_rows)  # [B, Tq, D]
+        x = take_rows(x, query_rows)  # the residual rows that attention answered
         attn_norm = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_norm")
         h = sites.activation(self.filler, sites.ATTN_OUTPUT, self.layer, attn, x, attn_norm,
                              deterministic, ctx)  # [B, Tq, D]
@@ -178,12 +193,13 @@ class BertEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, key_mask, deterministic: bool, output_hidden_states: bool = False,
-                 ctx=None, first_token_only: bool = False):
+                 ctx=None, last_rows=None):
+        """last_rows: the rows the last layer computes (None: all; see BertLayer's query_rows)."""
         hidden = [x]
         last = self.config.num_layers - 1
         for i in range(self.config.num_layers):
             x = BertLayer(self.config, i, self.filler, self.dtype, name=f"layer_{i}")(
-                x, key_mask, deterministic, ctx, first_token_only and i == last)
+                x, key_mask, deterministic, ctx, last_rows if i == last else None)
             hidden.append(x)
         return x, (tuple(hidden) if output_hidden_states else None)
 
@@ -200,34 +216,54 @@ class BertModel(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None,
                  deterministic: bool = True, output_hidden_states: bool = False, adapter_ids=None,
-                 first_token_only: bool = False):
+                 first_token_only: bool = False, segment_ids=None, segment_starts=None):
         """adapter_ids: [B] ints choosing each row's adapter when several are composed by 'select'.
 
         first_token_only: the caller reads only position 0 (a CLS or pooler head), so the last
         layer computes only that row: last_hidden_state is [B, 1, D] and attention_mask [B, 1].
         At MiniLM 32 x 128 this removes most of one layer's work from a train step (see
-        BertLayer)."""
+        BertLayer).
+
+        segment_ids [B, T], segment_starts [B, S]: packed rows (`adapters_jax.data.packing`). Each
+        example attends to itself only and restarts its positions; the output also carries both
+        arrays, and pooler_output is [B, S, D], one vector per example. With first_token_only the
+        last layer computes each example's first row: last_hidden_state [B, S, D], whose
+        segment_starts are then 0..S-1."""
         if first_token_only and output_hidden_states:
             raise ValueError("first_token_only=True computes one row of the last layer; "
                              "it cannot return output_hidden_states")
+        packed = segment_ids is not None
+        if packed and segment_starts is None:
+            raise ValueError("packed rows (segment_ids) need segment_starts")
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = BertEmbeddings(self.config, self.dtype, name="embeddings")(
-            input_ids, token_type_ids, attention_mask, deterministic)  # [B, T, D]
+            input_ids, token_type_ids, attention_mask, deterministic, segment_ids)  # [B, T, D]
         prompt = sites.lookup(self.filler, sites.EMBED_PROMPT, -1)
         if prompt is not None:
+            if packed:
+                raise ValueError("prompt tuning puts its tokens in front of the row, not of each packed "
+                                 "example; set data.pack=False")
             x, attention_mask = prompt(name=sites.EMBED_PROMPT)(x, attention_mask)
+        key_mask = segment_mask(segment_ids) if packed else attention_mask  # [B, 1, T, T] or [B, T]
+        last_rows = (segment_starts if packed else 1) if first_token_only else None
         x, hidden = BertEncoder(self.config, self.filler, self.dtype, name="encoder")(
-            x, attention_mask, deterministic, output_hidden_states, sites.context(self.filler, adapter_ids),
-            first_token_only)  # [B, T', D], or [B, 1, D]
+            x, key_mask, deterministic, output_hidden_states, sites.context(self.filler, adapter_ids),
+            last_rows)  # [B, T', D]; first_token_only: [B, 1, D], packed [B, S, D]
         if first_token_only:
             attention_mask = attention_mask[:, :1]
         out = {"last_hidden_state": x, "attention_mask": attention_mask}
+        if packed:  # x's rows of each example's first token: all of them, or just those (then 0..S-1)
+            starts = (jnp.broadcast_to(jnp.arange(segment_starts.shape[1]), segment_starts.shape)
+                      if first_token_only else segment_starts)  # [B, S]
+            out.update(segment_ids=segment_ids, segment_starts=starts)
         if hidden is not None:
             out["hidden_states"] = hidden
         if self.config.add_pooler:
-            pooled = nn.Dense(self.config.hidden_size, dtype=self.dtype, name="pooler")(x[:, 0])
-            out["pooler_output"] = jnp.tanh(pooled)  # [B, D]
+            first = (jnp.take_along_axis(x, out["segment_starts"][..., None], axis=1) if packed
+                     else x[:, 0])  # [B, S, D] or [B, D]
+            pooled = nn.Dense(self.config.hidden_size, dtype=self.dtype, name="pooler")(first)
+            out["pooler_output"] = jnp.tanh(pooled)
         return out

@@ -22,6 +22,7 @@ class Datasets:
     steps_per_epoch: int
     eval_split: str
     rows: dict  # split -> bad-row report written when the dataset was built
+    train_rows: int = 0  # leading dimension of a global train batch (packed: rows of the grid)
 
     @property
     def num_labels(self) -> int:
@@ -41,6 +42,7 @@ def make_datasets(name: str, tokenizer: Tokenizer, batch_size: int, max_length: 
                   eval_batch_size: Optional[int] = None,
                   buckets: Sequence[int] = batching.DEFAULT_BUCKETS, pool_batches: int = 32,
                   num_epochs: Optional[int] = None, max_eval_examples: int = 0,
+                  pack: bool = False, pack_rows: int = 0, pack_segments: int = 16, pack_row_multiple: int = 1,
                   process_index: Optional[int] = None,
                   process_count: Optional[int] = None,
                   read_options: Optional[grain.ReadOptions] = None, **source_kwargs) -> Datasets:
@@ -59,6 +61,11 @@ def make_datasets(name: str, tokenizer: Tokenizer, batch_size: int, max_length: 
         (a fixed subset, for slow models such as a 135M decoder on a CPU); 0: all of them.
       buckets: padded lengths (capped by max_length).
       pool_batches: global batches per length-sorting window.
+      pack: train on packed rows of max_length tokens instead of length buckets (`packing`):
+        batches gain segment_ids [R, T], segment_starts, labels and weights [R, S]; eval is unchanged.
+      pack_rows: rows per packed step; 0 holds batch_size examples of the mean length on average,
+        rounded up to a multiple of pack_row_multiple (devices, accumulation steps) and processes.
+      pack_segments: most examples in one packed row.
       num_epochs: None repeats the train split forever.
       process_index, process_count: default jax.process_index() / jax.process_count().
       read_options: grain threads / prefetch for the train iterator.
@@ -72,10 +79,14 @@ def make_datasets(name: str, tokenizer: Tokenizer, batch_size: int, max_length: 
                                           eval_batch_size=eval_batch_size, num_epochs=num_epochs,
                                           process_index=process_index, process_count=process_count,
                                           read_options=read_options, **source_kwargs)
+    if pack and name in images.IMAGE_DATASETS:
+        raise ValueError(f"data.pack packs token rows; {name!r} is an image dataset")
     if source_kwargs.get("classes"):
         raise ValueError(f"data.classes is supported for the image datasets only ({', '.join(images.IMAGE_DATASETS)})")
     source_kwargs.pop("classes", None)
     src = registry.load(name, **source_kwargs)
+    if pack and src.render is not None:
+        raise ValueError(f"data.pack packs classification and regression rows; {name!r} is language-modelling text")
     eval_split = eval_split or registry.default_eval_split(name)
     bucket_set = batching.bucket_lengths(buckets, max_length)
     tokenize = batching.Tokenize(tokenizer, max_length, src.text_key, src.pair_key, src.label_key,
@@ -83,14 +94,21 @@ def make_datasets(name: str, tokenizer: Tokenizer, batch_size: int, max_length: 
     train_src, eval_src = src.split("train"), src.split(eval_split)
     if 0 < max_eval_examples < len(eval_src):
         eval_src = [eval_src[int(i)] for i in np.linspace(0, len(eval_src) - 1, max_eval_examples)]
-    train = pipeline.train_batches(
-        train_src, tokenize, global_batch_size=batch_size, seed=seed, buckets=bucket_set,
-        pad_id=tokenizer.pad_id, pool_batches=pool_batches, num_epochs=num_epochs,
-        process_index=process_index, process_count=process_count)
+    if pack:
+        train = pipeline.packed_train_batches(
+            train_src, tokenize, batch_size=batch_size, seed=seed, pad_id=tokenizer.pad_id, rows_per_step=pack_rows,
+            max_segments=pack_segments, row_multiple=pack_row_multiple, num_epochs=num_epochs,
+            process_index=process_index, process_count=process_count)
+    else:
+        train = pipeline.train_batches(
+            train_src, tokenize, global_batch_size=batch_size, seed=seed, buckets=bucket_set,
+            pad_id=tokenizer.pad_id, pool_batches=pool_batches, num_epochs=num_epochs,
+            process_index=process_index, process_count=process_count)
     evals = evaluation.eval_batches(
         eval_src, tokenize, global_batch_size=eval_batch_size or batch_size, buckets=bucket_set,
         pad_id=tokenizer.pad_id, process_index=process_index, process_count=process_count)
     return Datasets(train=pipeline.TrainIterator(train, read_options), eval_batches=evals,
                     label_names=tuple(src.label_names), train_size=len(train_src),
                     eval_size=len(eval_src), steps_per_epoch=train.steps_per_epoch,
-                    eval_split=eval_split, rows=dict(src.rows))
+                    eval_split=eval_split, rows=dict(src.rows),
+                    train_rows=train.rows_per_step if pack else batch_size)

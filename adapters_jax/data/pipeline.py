@@ -22,7 +22,7 @@ from typing import Optional
 import grain
 import numpy as np
 
-from adapters_jax.data import batching
+from adapters_jax.data import batching, packing
 
 
 class LengthBucketedBatches(grain.MapDataset):
@@ -73,6 +73,12 @@ class LengthBucketedBatches(grain.MapDataset):
     def __str__(self) -> str:
         return f"LengthBucketedBatches(global_batch_size={self.global_batch_size}, buckets={self.buckets})"
 
+    def settings(self) -> dict:
+        """What decides the stream (an iterator state taken with other settings is refused)."""
+        return {"seed": self.seed, "global_batch_size": self.global_batch_size,
+                "num_examples": self.num_examples, "pool_batches": self.pool_batches,
+                "buckets": list(self.buckets)}
+
     def _window(self, epoch: int, window: int) -> list:
         """The window's global batches: [(rows in final order, padded length)]."""
         key = (epoch, window)
@@ -113,7 +119,7 @@ class TrainIterator:
     resume a different stream without any error.
     """
 
-    def __init__(self, dataset: LengthBucketedBatches, read_options: Optional[grain.ReadOptions] = None):
+    def __init__(self, dataset: grain.MapDataset, read_options: Optional[grain.ReadOptions] = None):
         self.dataset = dataset
         read_options = read_options or grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
         self._it = iter(dataset.to_iter_dataset(read_options))
@@ -125,19 +131,17 @@ class TrainIterator:
         return next(self._it)
 
     def _settings(self) -> dict:
-        d = self.dataset
-        return {"seed": d.seed, "global_batch_size": d.global_batch_size,
-                "num_examples": d.num_examples, "pool_batches": d.pool_batches,
-                "buckets": list(d.buckets)}
+        return self.dataset.settings()
 
     def get_state(self) -> dict:
         return {"next_index": int(self._it.get_state()["next_index"]), **self._settings()}
 
     def set_state(self, state: dict) -> None:
-        diff = [k for k, v in self._settings().items() if k in state and state[k] != v]
+        mine = self._settings()  # a key missing from the state (packed vs bucketed) differs too
+        diff = [k for k, v in mine.items() if state.get(k) != v]
         if diff:
             raise ValueError("iterator state was saved with different " + ", ".join(
-                f"{k} ({state[k]} != {self._settings()[k]})" for k in diff))
+                f"{k} ({state.get(k)} != {mine[k]})" for k in diff))
         self._it.set_state({"next_index": int(state["next_index"])})
 
     @property
@@ -157,3 +161,27 @@ def train_batches(source, tokenize: batching.Tokenize, *, global_batch_size: int
                                  buckets=buckets, pad_id=pad_id, seed=seed, pool_batches=pool_batches,
                                  num_epochs=num_epochs, process_index=process_index,
                                  process_count=process_count)
+
+
+def packed_train_batches(source, tokenize: batching.Tokenize, *, batch_size: int, seed: int, pad_id: int,
+                         rows_per_step: int = 0, max_segments: int = 16, row_multiple: int = 1,
+                         num_epochs: Optional[int] = None, process_index: int = 0, process_count: int = 1
+                         ) -> packing.PackedBatches:
+    """The grain MapDataset of local packed grids (see `packing`). Tokenizes the split once to learn
+    its lengths. Rows are as long as its longest example rounded up to a multiple of 8 (at most
+    tokenize.max_length): shorter rows make attention cheaper per token. rows_per_step 0 picks
+    enough rows for `batch_size` examples of the mean length, rounded up to a multiple of
+    row_multiple and process_count."""
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    examples = grain.MapDataset.source(source).map(tokenize)
+    lengths = np.asarray([len(examples[i]["ids"]) for i in range(len(source))], np.int64)  # [N]
+    if not len(lengths):
+        raise ValueError("the train split is empty")
+    length = min(tokenize.max_length, -(-int(lengths.max()) // 8) * 8)
+    if rows_per_step <= 0:
+        multiple = int(np.lcm(max(1, row_multiple), process_count))
+        rows_per_step = packing.auto_rows(batch_size, float(lengths.mean()), length, multiple)
+    return packing.PackedBatches(examples, lengths=lengths, rows_per_step=rows_per_step,
+                                 length=length, max_segments=max_segments, pad_id=pad_id, seed=seed,
+                                 num_epochs=num_epochs, process_index=process_index, process_count=process_count)
