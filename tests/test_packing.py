@@ -61,8 +61,12 @@ def _both(examples):
     return batching.collate(examples, LENGTH, pad_id=0), packed, rows
 
 
-def _model(pooling, cfg=CFG, skip=True):
-    spec = AdapterSpec(placements=presets.houlsby(bottleneck_dim=8) + presets.lora(r=4, alpha=8))
+def _model(pooling, cfg=CFG, skip=True, prefix=False):
+    """Houlsby and LoRA adapters (and prefix keys every example of a row sees, with `prefix`)."""
+    placements = presets.houlsby(bottleneck_dim=8) + presets.lora(r=4, alpha=8)
+    if prefix:
+        placements += presets.prefix(prefix_length=3, num_heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads)
+    spec = AdapterSpec(placements=placements)
     return AdaptedModel(BertModel(cfg, filler=spec), ClassificationHead(2, pooling=pooling), skip_unread_rows=skip)
 
 
@@ -80,15 +84,15 @@ def _unpack(packed_logits, rows, n):
     return out
 
 
-@pytest.mark.parametrize("pooling,skip,roberta", [("cls", True, False), ("cls", False, True), ("mean", True, False),
-                                                  ("pooler", True, False)])
-def test_packed_logits_match_each_example_alone(pooling, skip, roberta):
+@pytest.mark.parametrize("pooling,skip,roberta,prefix", [("cls", True, False, False), ("cls", False, True, False),
+                                                         ("mean", True, False, True), ("pooler", True, False, False)])
+def test_packed_logits_match_each_example_alone(pooling, skip, roberta, prefix):
     """cls with skip: the last layer computes each example's first row only."""
     cfg = dataclasses.replace(CFG, roberta_positions=True, pad_token_id=1) if roberta else CFG
     examples = _examples(13)
     padded, packed, rows = _both(examples)
     assert len(rows) < len(examples)  # rows really are shared
-    model = _model(pooling, cfg, skip)
+    model = _model(pooling, cfg, skip, prefix)
     params = _params(model, padded)
     want = np.asarray(jax.jit(model.apply)({"params": params}, padded))  # [N, 2]
     got = np.asarray(jax.jit(model.apply)({"params": params}, packed))  # [R, S, 2]

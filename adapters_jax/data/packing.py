@@ -53,13 +53,14 @@ def collate_packed(rows: Sequence[Sequence[dict]], length: int, max_segments: in
       input_ids, token_type_ids, attention_mask (1 on real tokens): int32 [R, L]
       segment_ids: int32 [R, L], k = 1..n for a row's k-th example, 0 on padding
       segment_starts: int32 [R, S], the position of each example's first token (0 when empty)
-      labels: int32 [R, S]; weights: float32 [R, S], 1 for an example, 0 for an empty slot
+      labels: [R, S] (the examples' label dtype); weights: float32 [R, S], 1 for an example, 0 for an empty slot
     An empty row (the last grid of an epoch is filled up with them) has weight 0 everywhere.
     """
     r = len(rows)
+    label_dtype = next((np.asarray(ex["label"]).dtype for row in rows for ex in row), np.int32)
     out = {"input_ids": np.full((r, length), pad_id, np.int32), "token_type_ids": np.zeros((r, length), np.int32),
            "attention_mask": np.zeros((r, length), np.int32), "segment_ids": np.zeros((r, length), np.int32),
-           "segment_starts": np.zeros((r, max_segments), np.int32), "labels": np.zeros((r, max_segments), np.int32),
+           "segment_starts": np.zeros((r, max_segments), np.int32), "labels": np.zeros((r, max_segments), label_dtype),
            "weights": np.zeros((r, max_segments), np.float32)}
     for i, examples in enumerate(rows):
         if len(examples) > max_segments:
