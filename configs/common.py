@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     # almost no padding) instead of buckets. 'auto' packs where it can (BERT-family encoders,
     # classification and regression, not prompt tuning), 'true' insists, 'false' uses the buckets.
     # pack_rows 0 fits batch_size examples of the mean length per step; pack_segments caps the
-    # examples in one row. Eval keeps the buckets.
+    # examples in one row. Evaluation packs too (eval_batch_size examples per batch on average).
     c.data = ml_collections.ConfigDict(dict(name="rotten_tomatoes", max_length=128,
                                             buckets=(16, 32, 48, 80, 128), data_dir="", files="",
                                             glue_dir="", num_labels=2, skip_bad_rows=False,

@@ -164,3 +164,37 @@ def test_auto_rows_hold_the_batch_size_on_average():
     assert packing.auto_rows(32, 27.0, 80, 1) == 11  # 32 * 27 / 80 = 10.8
     assert packing.auto_rows(32, 27.0, 80, 8) == 16
     assert packing.auto_rows(2, 3.0, 80, 1) == 1
+
+
+def test_packed_eval_batches_give_every_example_its_own_logits_once():
+    examples = _examples(29, seed=4)
+    padded, _, _ = _both(examples)
+    model = _model("cls")
+    params = _params(model, padded)
+    want = np.asarray(jax.jit(model.apply)({"params": params}, padded))  # [N, 2]
+    batches = packing.packed_eval_batches(examples, batch_size=8, max_length=LENGTH, max_segments=SEGMENTS,
+                                          pad_id=0, row_multiple=2)
+    assert len({b["input_ids"].shape for b in batches}) == 1  # one shape: one compile
+    got, seen = np.zeros_like(want), []
+    for b in batches:
+        logits = np.asarray(jax.jit(model.apply)({"params": params}, b))  # [R, S, 2]
+        real = b["example_index"] >= 0
+        np.testing.assert_array_equal(real, b["weights"] > 0)
+        got[b["example_index"][real]] = logits[real]
+        seen += b["example_index"][real].tolist()
+    assert sorted(seen) == list(range(len(examples)))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pair_key", [None, "pair"])
+def test_token_lengths_in_one_batch_match_tokenizing_each_row(pair_key):
+    from adapters_jax.hub import resolve
+    from adapters_jax.tokenization import Tokenizer
+    tok = Tokenizer.from_dir(resolve("tiny-random-bert"))
+    words = "the film was a long slow and quite wonderful mess of ideas".split()
+    records = [{"text": " ".join(words[:k]), "pair": " ".join(words[:k // 2]).encode(), "label": k % 2}
+               for k in range(1, len(words))]  # the long ones are truncated (longest first for pairs)
+    tokenize = batching.Tokenize(tok, 12, "text", pair_key, "label")
+    want = [len(tokenize(r)["ids"]) for r in records]
+    assert max(want) == 12 and min(want) < 12
+    np.testing.assert_array_equal(batching.token_lengths(records, tokenize), want)

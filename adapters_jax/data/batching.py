@@ -65,6 +65,18 @@ class Tokenize:
                 "label": np.int32(record[self.label_key])}
 
 
+def token_lengths(source, tokenize: Tokenize) -> np.ndarray:
+    """[N] token count of each example of `source` after `tokenize`: rows read in one call where the
+    source allows it, text rows tokenized as one batch (2 s -> 1 s for Rotten Tomatoes' 10,347)."""
+    n = len(source)
+    records = source.__getitems__(list(range(n))) if hasattr(source, "__getitems__") else [source[i] for i in range(n)]
+    if tokenize.render is not None:
+        return np.asarray([len(tokenize(r)["ids"]) for r in records], np.int64)
+    texts = [_text(r[tokenize.text_key]) for r in records]
+    pairs = [_text(r[tokenize.pair_key]) for r in records] if tokenize.pair_key else None
+    return tokenize.tokenizer.lengths(texts, pairs, max_length=tokenize.max_length)
+
+
 def collate(rows: Sequence[dict], length: int, pad_id: int) -> dict:
     """Tokenized rows -> {'input_ids', 'attention_mask', 'token_type_ids': int32[B, length],
     'labels': int32[B]}."""

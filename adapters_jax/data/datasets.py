@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import grain
 import numpy as np
 
-from adapters_jax.data import batching, evaluation, pipeline, registry
+from adapters_jax.data import batching, evaluation, packing, pipeline, registry
 from adapters_jax.tokenization import Tokenizer
 
 
@@ -61,8 +61,8 @@ def make_datasets(name: str, tokenizer: Tokenizer, batch_size: int, max_length: 
         (a fixed subset, for slow models such as a 135M decoder on a CPU); 0: all of them.
       buckets: padded lengths (capped by max_length).
       pool_batches: global batches per length-sorting window.
-      pack: train on packed rows of max_length tokens instead of length buckets (`packing`):
-        batches gain segment_ids [R, T], segment_starts, labels and weights [R, S]; eval is unchanged.
+      pack: train and evaluate on packed rows instead of length buckets (`packing`): batches gain
+        segment_ids [R, T], segment_starts, labels and weights [R, S] (eval: example_index [R, S]).
       pack_rows: rows per packed step; 0 holds batch_size examples of the mean length on average,
         rounded up to a multiple of pack_row_multiple (devices, accumulation steps) and processes.
       pack_segments: most examples in one packed row.
@@ -104,9 +104,15 @@ def make_datasets(name: str, tokenizer: Tokenizer, batch_size: int, max_length: 
             train_src, tokenize, global_batch_size=batch_size, seed=seed, buckets=bucket_set,
             pad_id=tokenizer.pad_id, pool_batches=pool_batches, num_epochs=num_epochs,
             process_index=process_index, process_count=process_count)
-    evals = evaluation.eval_batches(
-        eval_src, tokenize, global_batch_size=eval_batch_size or batch_size, buckets=bucket_set,
-        pad_id=tokenizer.pad_id, process_index=process_index, process_count=process_count)
+    if pack:  # one shape, one compile
+        evals = packing.packed_eval_batches(
+            [tokenize(eval_src[i]) for i in range(len(eval_src))], batch_size=eval_batch_size or batch_size,
+            max_length=max_length, max_segments=pack_segments, pad_id=tokenizer.pad_id, row_multiple=pack_row_multiple,
+            process_index=process_index, process_count=process_count)
+    else:
+        evals = evaluation.eval_batches(
+            eval_src, tokenize, global_batch_size=eval_batch_size or batch_size, buckets=bucket_set,
+            pad_id=tokenizer.pad_id, process_index=process_index, process_count=process_count)
     return Datasets(train=pipeline.TrainIterator(train, read_options), eval_batches=evals,
                     label_names=tuple(src.label_names), train_size=len(train_src),
                     eval_size=len(eval_src), steps_per_epoch=train.steps_per_epoch,

@@ -81,6 +81,37 @@ def collate_packed(rows: Sequence[Sequence[dict]], length: int, max_segments: in
     return out
 
 
+def row_length(lengths: np.ndarray, max_length: int) -> int:
+    """Packed row length: the longest example rounded up to a multiple of 8, at most max_length
+    (shorter rows make attention cheaper per token; every example still fits)."""
+    return min(int(max_length), -(-int(np.max(lengths)) // 8) * 8)
+
+
+def packed_eval_batches(rows: Sequence[dict], *, batch_size: int, max_length: int, max_segments: int, pad_id: int,
+                        row_multiple: int = 1, process_index: int = 0, process_count: int = 1) -> list:
+    """This process's eval batches on packed rows: every example once, all batches one shape (one
+    compile). rows: tokenized examples in split order. Each batch is a `collate_packed` dict plus
+    example_index int32 [R_local, S] (the example's position in the split, -1 on an empty slot).
+    R holds `batch_size` examples of the mean length on average (`auto_rows`)."""
+    if not rows:
+        return []
+    lengths = np.asarray([len(r["ids"]) for r in rows])  # [N]
+    length = row_length(lengths, max_length)
+    per_step = auto_rows(batch_size, float(lengths.mean()), length, int(np.lcm(max(1, row_multiple), process_count)))
+    packed = pack(lengths, length, max_segments)
+    packed += [[] for _ in range(-len(packed) % per_step)]
+    out = []
+    for start in range(0, len(packed), per_step):
+        mine = batching.local_rows(packed[start:start + per_step], process_index, process_count)
+        batch = collate_packed([[rows[i] for i in row] for row in mine], length, max_segments, pad_id)
+        index = np.full((len(mine), max_segments), -1, np.int32)  # [R_local, S]
+        for r, row in enumerate(mine):
+            index[r, :len(row)] = row
+        batch["example_index"] = index
+        out.append(batch)
+    return out
+
+
 def auto_rows(batch_size: int, mean_length: float, length: int, multiple: int) -> int:
     """Rows per packed step holding `batch_size` examples of the mean length on average, rounded up
     to a multiple of `multiple` (processes, devices, accumulation steps must split the rows)."""

@@ -168,17 +168,16 @@ def packed_train_batches(source, tokenize: batching.Tokenize, *, batch_size: int
                          num_epochs: Optional[int] = None, process_index: int = 0, process_count: int = 1
                          ) -> packing.PackedBatches:
     """The grain MapDataset of local packed grids (see `packing`). Tokenizes the split once to learn
-    its lengths. Rows are as long as its longest example rounded up to a multiple of 8 (at most
-    tokenize.max_length): shorter rows make attention cheaper per token. rows_per_step 0 picks
+    its lengths; rows are `packing.row_length` long. rows_per_step 0 picks
     enough rows for `batch_size` examples of the mean length, rounded up to a multiple of
     row_multiple and process_count."""
     if not 0 <= seed < 2 ** 32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     examples = grain.MapDataset.source(source).map(tokenize)
-    lengths = np.asarray([len(examples[i]["ids"]) for i in range(len(source))], np.int64)  # [N]
+    lengths = batching.token_lengths(source, tokenize)  # [N]
     if not len(lengths):
         raise ValueError("the train split is empty")
-    length = min(tokenize.max_length, -(-int(lengths.max()) // 8) * 8)
+    length = packing.row_length(lengths, tokenize.max_length)
     if rows_per_step <= 0:
         multiple = int(np.lcm(max(1, row_multiple), process_count))
         rows_per_step = packing.auto_rows(batch_size, float(lengths.mean()), length, multiple)
