@@ -294,7 +294,7 @@ def pack_kwargs(config, backbone_model) -> dict:
             raise ValueError(f"data.pack=true: {why}; set data.pack to 'false' or 'auto'")
         return {}
     return {"pack": True, "pack_rows": d.get("pack_rows", 0), "pack_segments": d.get("pack_segments", 16),
-            "pack_row_multiple": int(np.lcm(jax.device_count(), config.train.accum_steps))}
+            "pack_row_multiple": jax.device_count() * config.train.accum_steps}  # pmap splits per device
 
 
 def source_kwargs(config) -> dict:
