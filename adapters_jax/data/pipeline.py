@@ -140,8 +140,12 @@ class TrainIterator:
         mine = self._settings()  # a key missing from the state (packed vs bucketed) differs too
         diff = [k for k, v in mine.items() if state.get(k) != v]
         if diff:
+            hint = ""
+            if ("packed_rows" in state) != ("packed_rows" in mine):
+                hint = (f"; the run was saved {'with' if 'packed_rows' in state else 'without'} packed rows: resume "
+                        f"it with data.pack='{'true' if 'packed_rows' in state else 'false'}'")
             raise ValueError("iterator state was saved with different " + ", ".join(
-                f"{k} ({state.get(k)} != {mine[k]})" for k in diff))
+                f"{k} ({state.get(k)} != {mine[k]})" for k in diff) + hint)
         self._it.set_state({"next_index": int(state["next_index"])})
 
     @property
