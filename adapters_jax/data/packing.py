@@ -13,15 +13,13 @@ own first token (`segment_starts`), so its logits are the ones it would get alon
 """
 from __future__ import annotations
 
-import collections
-import sys
-import threading
 from typing import Optional, Sequence
 
 import grain
 import numpy as np
 
 from adapters_jax.data import batching
+from adapters_jax.data.epoch_cache import PlannedBatches
 
 
 def pack(lengths: np.ndarray, capacity: int, max_segments: int) -> list:
@@ -119,7 +117,7 @@ def auto_rows(batch_size: int, mean_length: float, length: int, multiple: int) -
     return -(-rows // multiple) * multiple
 
 
-class PackedBatches(grain.MapDataset):
+class PackedBatches(PlannedBatches):
     """Random access to this process's rows of packed grid i: dict of [R_local, ...] arrays.
 
     Args:
@@ -147,22 +145,6 @@ class PackedBatches(grain.MapDataset):
         self.num_examples = len(self.lengths)
         self._init_cache()
 
-    def _init_cache(self):
-        self._lock = threading.Lock()
-        self._plans = collections.OrderedDict()  # epoch -> [num_rows padded to R * steps] example lists
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_lock"), state.pop("_plans")
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._init_cache()
-
-    def __len__(self) -> int:
-        return sys.maxsize if self.num_epochs is None else self.num_epochs * self.steps_per_epoch
-
     def __str__(self) -> str:
         return (f"PackedBatches(rows_per_step={self.rows_per_step}, length={self.length}, "
                 f"max_segments={self.max_segments}, steps_per_epoch={self.steps_per_epoch})")
@@ -173,17 +155,15 @@ class PackedBatches(grain.MapDataset):
                 "pack_segments": self.max_segments, "num_examples": self.num_examples}
 
     def _plan(self, epoch: int) -> list:
-        with self._lock:
-            if epoch not in self._plans:
-                rng = np.random.default_rng([self.seed, epoch])
-                perm = rng.permutation(self.num_examples)  # [N] source indices in this epoch's order
-                rows = [[int(perm[i]) for i in row] for row in pack(self.lengths[perm], self.length, self.max_segments)]
-                rows = [rows[i] for i in rng.permutation(len(rows))]
-                rows += [[] for _ in range(self.steps_per_epoch * self.rows_per_step - len(rows))]
-                self._plans[epoch] = rows
-                while len(self._plans) > 2:
-                    self._plans.popitem(last=False)
-            return self._plans[epoch]
+        """The epoch's rows (lists of source indices), padded with empty rows to R * steps."""
+        return self._cached(epoch, lambda: self._pack_epoch(epoch))
+
+    def _pack_epoch(self, epoch: int) -> list:
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = rng.permutation(self.num_examples)  # [N] source indices in this epoch's order
+        rows = [[int(perm[i]) for i in row] for row in pack(self.lengths[perm], self.length, self.max_segments)]
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+        return rows + [[] for _ in range(self.steps_per_epoch * self.rows_per_step - len(rows))]
 
     def __getitem__(self, index):
         if isinstance(index, slice):

@@ -14,18 +14,16 @@ end of an epoch (fewer than a global batch) are dropped for that epoch only.
 """
 from __future__ import annotations
 
-import collections
-import sys
-import threading
 from typing import Optional
 
 import grain
 import numpy as np
 
 from adapters_jax.data import batching, packing
+from adapters_jax.data.epoch_cache import PlannedBatches
 
 
-class LengthBucketedBatches(grain.MapDataset):
+class LengthBucketedBatches(PlannedBatches):
     """Random access to this process's share of global batch i: dict of [B_local, T] arrays.
 
     Args:
@@ -54,22 +52,6 @@ class LengthBucketedBatches(grain.MapDataset):
         self.process_index, self.process_count = process_index, process_count
         self._init_cache()
 
-    def _init_cache(self):
-        self._lock = threading.Lock()
-        self._windows = collections.OrderedDict()  # (epoch, window) -> list of (rows, length)
-
-    def __getstate__(self):  # picklable for grain's worker processes
-        state = dict(self.__dict__)
-        state.pop("_lock"), state.pop("_windows")
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._init_cache()
-
-    def __len__(self) -> int:
-        return sys.maxsize if self.num_epochs is None else self.num_epochs * self.steps_per_epoch
-
     def __str__(self) -> str:
         return f"LengthBucketedBatches(global_batch_size={self.global_batch_size}, buckets={self.buckets})"
 
@@ -81,26 +63,22 @@ class LengthBucketedBatches(grain.MapDataset):
 
     def _window(self, epoch: int, window: int) -> list:
         """The window's global batches: [(rows in final order, padded length)]."""
-        key = (epoch, window)
-        with self._lock:
-            if key in self._windows:
-                return self._windows[key]
-            gb, first = self.global_batch_size, window * self.pool_batches
-            n_batches = min(self.pool_batches, self.steps_per_epoch - first)
-            start = epoch * self.num_examples + first * gb
-            rows = list(self._parent._getitems(list(range(start, start + n_batches * gb))))  # pylint: disable=protected-access
-            lengths = np.asarray([len(r["ids"]) for r in rows])
-            order = np.argsort(lengths, kind="stable").reshape(n_batches, gb)  # [n_batches, GB]
-            rng = np.random.default_rng([self.seed, epoch, window])
-            batches = []
-            for b in rng.permutation(n_batches):
-                idx = order[b][rng.permutation(gb)]
-                length = batching.bucket_for(int(lengths[idx].max()), self.buckets)
-                batches.append(([rows[i] for i in idx], length))
-            self._windows[key] = batches
-            while len(self._windows) > 2:
-                self._windows.popitem(last=False)
-            return batches
+        return self._cached((epoch, window), lambda: self._plan_window(epoch, window))
+
+    def _plan_window(self, epoch: int, window: int) -> list:
+        gb, first = self.global_batch_size, window * self.pool_batches
+        n_batches = min(self.pool_batches, self.steps_per_epoch - first)
+        start = epoch * self.num_examples + first * gb
+        rows = list(self._parent._getitems(list(range(start, start + n_batches * gb))))  # pylint: disable=protected-access
+        lengths = np.asarray([len(r["ids"]) for r in rows])
+        order = np.argsort(lengths, kind="stable").reshape(n_batches, gb)  # [n_batches, GB]
+        rng = np.random.default_rng([self.seed, epoch, window])
+        batches = []
+        for b in rng.permutation(n_batches):
+            idx = order[b][rng.permutation(gb)]
+            length = batching.bucket_for(int(lengths[idx].max()), self.buckets)
+            batches.append(([rows[i] for i in idx], length))
+        return batches
 
     def __getitem__(self, index):
         if isinstance(index, slice):
