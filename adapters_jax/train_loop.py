@@ -103,9 +103,14 @@ def check_config(config) -> None:
     for field in ("batch_size", "eval_batch_size", "accum_steps", "log_every", "ckpt_every", "max_to_keep"):
         if getattr(config.train, field) <= 0:
             raise ValueError(f"train.{field}={getattr(config.train, field)} must be > 0")
+    if config.train.get("streams", 1) <= 0:
+        raise ValueError(f"train.streams={config.train.streams} must be > 0")
     if config.train.batch_size % config.train.accum_steps:
         raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by "
                          f"train.accum_steps={config.train.accum_steps}")
+    if config.train.batch_size % (config.train.accum_steps * config.train.get("streams", 1)):
+        raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by "
+                         f"train.accum_steps x train.streams={config.train.accum_steps} x {config.train.streams}")
     if config.train.num_steps <= 0 and config.train.num_epochs <= 0:
         raise ValueError("train.num_steps or train.num_epochs must be > 0")
     if config.optim.lr <= 0:
@@ -131,10 +136,10 @@ def _check_packing(config) -> None:
     pack_mode(config)
     if d.get("pack_segments", 16) < 1:
         raise ValueError(f"data.pack_segments={d.pack_segments} must be >= 1")
-    rows = d.get("pack_rows", 0)
-    if rows < 0 or rows % config.train.accum_steps:
+    rows, parts = d.get("pack_rows", 0), config.train.accum_steps * config.train.get("streams", 1)
+    if rows < 0 or rows % parts:
         raise ValueError(f"data.pack_rows={rows} must be 0 (auto) or a positive multiple of "
-                         f"train.accum_steps={config.train.accum_steps}")
+                         f"train.accum_steps x train.streams={parts}")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -283,7 +288,7 @@ def pack_mode(config):
 def pack_kwargs(config, backbone_model) -> dict:
     """make_datasets' packing arguments from config.data: pack 'auto' packs where the task, data,
     method and backbone allow it, 'true' insists (one-line error otherwise), 'false' never packs.
-    Packed rows split evenly over the devices and the accumulation steps."""
+    Packed rows split evenly over the devices, the accumulation steps and the streams."""
     d = config.data
     mode = pack_mode(config)
     if mode is False:
@@ -294,7 +299,8 @@ def pack_kwargs(config, backbone_model) -> dict:
             raise ValueError(f"data.pack=true: {why}; set data.pack to 'false' or 'auto'")
         return {}
     return {"pack": True, "pack_rows": d.get("pack_rows", 0), "pack_segments": d.get("pack_segments", 16),
-            "pack_row_multiple": jax.device_count() * config.train.accum_steps}  # pmap splits per device
+            # pmap splits the rows per device, then into micro-batches and streams
+            "pack_row_multiple": jax.device_count() * config.train.accum_steps * config.train.get("streams", 1)}
 
 
 def source_kwargs(config) -> dict:
@@ -320,7 +326,8 @@ def make_steps(config, model, tx, state, train_rows: int = 0):
     """(step, eval, put_state, put_batch, get_metrics) for config.parallelism 'jit' or 'pmap'.
     train_rows: the global train batch's leading dimension when it is not train.batch_size (packed rows)."""
     tr = config.train
-    kw = dict(task=config.task, accum_steps=tr.accum_steps, skip_nonfinite=tr.skip_nonfinite)
+    kw = dict(task=config.task, accum_steps=tr.accum_steps, streams=tr.get("streams", 1),
+              skip_nonfinite=tr.skip_nonfinite)
     setup = model.backbone.filler
     if isinstance(setup, AdapterSetup) and setup.fusion is not None and setup.fusion.regularization:
         kw["regularizer"] = lambda params: fusion_regularization(params, setup.fusion_name)

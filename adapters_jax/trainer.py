@@ -85,45 +85,73 @@ def task_loss(logits: jnp.ndarray, batch: dict, task: str) -> tuple[jnp.ndarray,
 
 
 def make_train_step(model, tx: optax.GradientTransformation, *, task: str = "classification",
-                    accum_steps: int = 1, skip_nonfinite: bool = False,
+                    accum_steps: int = 1, streams: int = 1, skip_nonfinite: bool = False,
                     axis_name: Optional[str] = None, regularizer: Optional[Callable] = None) -> Callable:
     """Returns train_step(state, batch) -> (state, metrics).
 
     Args:
       model: an AdaptedModel (or anything whose apply(params, batch, deterministic) -> logits).
       tx: the full-tree optimizer from `optim.make` (multi_transform with frozen = set_to_zero).
-      accum_steps: split the batch into this many micro-batches and sum their gradients.
+      accum_steps: split the batch into this many micro-batches, run one after the other (a
+        scan: the activations of one micro-batch at a time), and combine their gradients.
+      streams: split each (micro-)batch into this many interleaved parts whose gradients are
+        computed side by side in one program (unrolled, independent), then combined. Same
+        memory as the whole batch; on XLA:CPU the parts' ops overlap on the cores, which the
+        ops of one batch leave idle between them (see README, Performance).
       skip_nonfinite: on a NaN/inf loss or gradient keep the old state (metrics['nonfinite']=1)
         instead of applying the update.
       axis_name: the pmap axis to average gradients over (None under jit, where XLA's SPMD
         partitioner inserts the reductions itself).
       regularizer: params -> scalar added to the loss (AdapterFusion's value regularizer).
+
+    Split batches give the whole batch's weighted mean loss and gradient: each part's sum
+    over its weights is added up and divided by the total weight, so parts holding padding
+    rows (weight 0) or fewer tokens count for what they hold.
     """
+    if accum_steps < 1 or streams < 1:
+        raise ValueError(f"accum_steps={accum_steps} and streams={streams} must be >= 1")
+
     def loss_fn(trainable, frozen, batch, rng):
         params = peft.merge(trainable, frozen)
         logits = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
-        loss, weight = task_loss(logits, batch, task)
-        if regularizer is not None:
-            loss = loss + regularizer(params)
-        return loss, weight
+        return task_loss(logits, batch, task)  # (weighted mean, total weight)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    def summed(trainable, frozen, batch, rng):
+        """(loss sum, weight, gradient of the loss sum) over `streams` parts of the batch."""
+        total = None
+        for i, r in enumerate(jax.random.split(rng, streams)):
+            part = jax.tree_util.tree_map(lambda x: x[i::streams], batch)  # rows i, i + S, ...
+            (loss, weight), grads = grad_fn(trainable, frozen, part, r)
+            n = jnp.maximum(weight, 1.0)  # task_loss's divisor: loss * n is the part's sum
+            term = (loss * n, weight, jax.tree_util.tree_map(lambda g: g * n, grads))
+            total = term if total is None else jax.tree_util.tree_map(jnp.add, total, term)
+        return total
+
     def micro(trainable, frozen, batch, rng):
-        if accum_steps == 1:
+        if accum_steps == 1 and streams == 1:
             (loss, _), grads = grad_fn(trainable, frozen, batch, rng)
-            return loss, grads
-        split = jax.tree_util.tree_map(
-            lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
+        else:
+            if accum_steps == 1:
+                loss, weight, grads = summed(trainable, frozen, batch, rng)
+            else:
+                split = jax.tree_util.tree_map(
+                    lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
 
-        def body(carry, xs):
-            mb, r = xs
-            (loss, _), grads = grad_fn(trainable, frozen, mb, r)
-            return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+                def body(carry, xs):
+                    mb, r = xs
+                    return jax.tree_util.tree_map(jnp.add, carry, summed(trainable, frozen, mb, r)), None
 
-        zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, trainable))
-        (loss, grads), _ = jax.lax.scan(body, zero, (split, jax.random.split(rng, accum_steps)))
-        return loss / accum_steps, jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
+                zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                        jax.tree_util.tree_map(jnp.zeros_like, trainable))
+                (loss, weight, grads), _ = jax.lax.scan(body, zero, (split, jax.random.split(rng, accum_steps)))
+            d = jnp.maximum(weight, 1.0)
+            loss, grads = loss / d, jax.tree_util.tree_map(lambda g: g / d, grads)
+        if regularizer is not None:  # once per step, on the parameters alone
+            reg, reg_grads = jax.value_and_grad(lambda t: regularizer(peft.merge(t, frozen)))(trainable)
+            loss, grads = loss + reg, jax.tree_util.tree_map(jnp.add, grads, reg_grads)
+        return loss, grads
 
     def train_step(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(state.rng)

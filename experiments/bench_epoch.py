@@ -39,6 +39,7 @@ flags.DEFINE_bool("warm", False, "also time ours with a persistent compile cache
                   "(what reruns and sweep trials pay; the cold run stays the headline)")
 flags.DEFINE_string("dtype", "", "our compute dtype (float32 or bfloat16); empty: the config's")
 flags.DEFINE_integer("cpu_devices", -1, "our mesh.cpu_devices (XLA devices the CPU is split into); -1: the config's")
+flags.DEFINE_integer("streams", 0, "our train.streams (the batch's parts computed side by side); 0: the config's")
 FLAGS = flags.FLAGS
 
 
@@ -57,6 +58,8 @@ def run_ours(workdir: str, compile_cache: str = "") -> dict:
         cmd.append(f"--config.model.dtype={FLAGS.dtype}")
     if FLAGS.cpu_devices >= 0:
         cmd.append(f"--config.mesh.cpu_devices={FLAGS.cpu_devices}")
+    if FLAGS.streams:
+        cmd.append(f"--config.train.streams={FLAGS.streams}")
     t0 = time.perf_counter()
     env = {k: v for k, v in host_malloc.child_env(FLAGS.malloc).items() if k != "JAX_COMPILATION_CACHE_DIR"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -68,6 +71,8 @@ def run_ours(workdir: str, compile_cache: str = "") -> dict:
     name = "adapters_jax" + (" (warm compile cache)" if compile_cache else "")
     if FLAGS.cpu_devices > 1:
         name += f" ({FLAGS.cpu_devices} CPU devices)"
+    if FLAGS.streams > 1:
+        name += f" ({FLAGS.streams} streams)"
     return {"framework": name, "train_s": train["train_s"], "steps": train["step"],
             "steps_per_s": train["step"] / train["train_s"], "eval_accuracy": ev["eval_accuracy"], "wall_s": wall}
 

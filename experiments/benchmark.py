@@ -64,6 +64,8 @@ flags.DEFINE_enum("malloc", "default", host_malloc.MODES, "glibc malloc settings
                   "(experiments/host_malloc.py)")
 flags.DEFINE_integer("cpu_devices", 1, "split the CPU into this many XLA devices and run our train step data "
                      "parallel over them, as train's mesh.cpu_devices (AdapterHub keeps its threads)")
+flags.DEFINE_integer("streams", 1, "split our batch into this many parts computed side by side in one program, "
+                     "as train's train.streams (trainer.make_train_step)")
 flags.DEFINE_bool("child", False, "internal: benchmark one method and print its JSON row")
 FLAGS = flags.FLAGS
 
@@ -73,7 +75,7 @@ def bench_isolated(method: str, peak: float) -> dict:
            f"--model={FLAGS.model}", f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--steps={FLAGS.steps}",
            f"--dtype={FLAGS.dtype}", f"--frozen_dtype={FLAGS.frozen_dtype}", f"--peak_gflops={peak / 1e9}",
            f"--attention_backward={FLAGS.attention_backward}", f"--skip_unread_rows={FLAGS.skip_unread_rows}",
-           f"--flops_only={FLAGS.flops_only}", f"--cpu_devices={FLAGS.cpu_devices}"]
+           f"--flops_only={FLAGS.flops_only}", f"--cpu_devices={FLAGS.cpu_devices}", f"--streams={FLAGS.streams}"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=host_malloc.child_env(FLAGS.malloc))
     rows = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode or not rows:
@@ -191,6 +193,8 @@ def main(argv):
     del argv
     if FLAGS.cpu_devices < 1:
         raise app.UsageError(f"--cpu_devices={FLAGS.cpu_devices} must be >= 1")
+    if FLAGS.streams < 1 or FLAGS.batch % FLAGS.streams:
+        raise app.UsageError(f"--streams={FLAGS.streams} must be >= 1 and divide --batch={FLAGS.batch}")
     if FLAGS.child or not FLAGS.isolate:  # before any JAX op starts the backend
         from adapters_jax import parallel
         parallel.set_cpu_devices(FLAGS.cpu_devices)
@@ -208,7 +212,8 @@ def main(argv):
     if FLAGS.child:
         print(json.dumps(bench(cfg, methods[0], dtype, FLAGS.peak_gflops * 1e9, FLAGS.batch, FLAGS.seq,
                                FLAGS.steps, FLAGS.flops_only, frozen_dtype=frozen,
-                               skip_unread_rows=FLAGS.skip_unread_rows, devices=FLAGS.cpu_devices)), flush=True)
+                               skip_unread_rows=FLAGS.skip_unread_rows, devices=FLAGS.cpu_devices,
+                               streams=FLAGS.streams)), flush=True)
         return
     if FLAGS.mixed_tasks:
         r = mixed_vs_single(cfg, FLAGS.mixed_tasks)
@@ -224,14 +229,16 @@ def main(argv):
              f"matmul peak {peak / 1e9:.0f} GFLOP/s, frozen base {jnp.dtype(frozen).name}, malloc {FLAGS.malloc}, "
              f"attention backward {FLAGS.attention_backward}, "
              f"{'last layer: CLS row only' if FLAGS.skip_unread_rows else 'last layer: every row'}, {describe(dtype)}"
-             + (f", our train step data parallel over {FLAGS.cpu_devices} CPU devices" if FLAGS.cpu_devices > 1 else ""))
+             + (f", our train step data parallel over {FLAGS.cpu_devices} CPU devices" if FLAGS.cpu_devices > 1 else "")
+             + (f", our batch in {FLAGS.streams} streams" if FLAGS.streams > 1 else ""))
     print(title, flush=True)
     rows = []
     for i, method in enumerate(methods):
         t = time.perf_counter()
         rows.append(bench_isolated(method, peak) if FLAGS.isolate else
                     bench(cfg, method, dtype, peak, FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.flops_only,
-                          frozen_dtype=frozen, skip_unread_rows=FLAGS.skip_unread_rows, devices=FLAGS.cpu_devices))
+                          frozen_dtype=frozen, skip_unread_rows=FLAGS.skip_unread_rows, devices=FLAGS.cpu_devices,
+                          streams=FLAGS.streams))
         print(f"[{i + 1}/{len(methods)}] {method}: {time.perf_counter() - t:.0f}s "
               + (f"step {rows[-1]['step_s']:.3f}s" if "step_s" in rows[-1] else ""), flush=True)
     if readings:  # a shared VM's peak moves within minutes: measure again, keep the best reading
@@ -250,7 +257,7 @@ def main(argv):
               "cpu_threads": os.cpu_count(), "matmul_peak_gflops": peak / 1e9,
               "matmul_peak_readings_gflops": readings, "malloc": FLAGS.malloc,
               "frozen_dtype": jnp.dtype(frozen).name, "attention_backward": FLAGS.attention_backward,
-              "skip_unread_rows": FLAGS.skip_unread_rows, "cpu_devices": FLAGS.cpu_devices, "dots": describe(dtype), "rows": rows, "adapterhub": torch_rows}
+              "skip_unread_rows": FLAGS.skip_unread_rows, "cpu_devices": FLAGS.cpu_devices, "streams": FLAGS.streams, "dots": describe(dtype), "rows": rows, "adapterhub": torch_rows}
     if FLAGS.inference:
         from experiments import bench_inference
         inf = bench_inference.latency_table(cfg, seq=FLAGS.seq, reps=FLAGS.steps, dtype=dtype)

@@ -83,18 +83,23 @@ def test_layernorm_and_bitfit_options(option, extra_path):
     assert flat[("backbone", "encoder", "layer_0", "attention", "query", "kernel")] == peft.FROZEN
 
 
-def test_gradient_accumulation_equals_one_big_batch():
+@pytest.mark.parametrize("accum_steps,streams", [(4, 1), (1, 2), (2, 2)])
+def test_split_batches_equal_one_big_batch(accum_steps, streams):
+    """Micro-batches (scan) and streams (side by side) give the whole batch's weighted mean loss
+    and gradient, also when the parts hold different total weights (padding rows weigh 0)."""
     model, params, labels, batch = _setup()
+    batch = dict(batch, weights=np.array([1, 1, 0, 1, 0, 0, 1, 0.5], np.float32))  # uneven per part
     tx, _ = optim.make(params, labels, lr=1e-2, total_steps=5)
     s1 = s2 = trainer.create_state(params, labels, tx, jax.random.PRNGKey(1))
     cfg_nodrop = BertConfig(**{**TINY.__dict__, "hidden_dropout": 0.0, "attention_dropout": 0.0})
     model = AdaptedModel(BertModel(cfg_nodrop, filler=model.backbone.filler), ClassificationHead(3, dropout=0.0))
     big = jax.jit(trainer.make_train_step(model, tx))
-    acc = jax.jit(trainer.make_train_step(model, tx, accum_steps=4))
+    split = jax.jit(trainer.make_train_step(model, tx, accum_steps=accum_steps, streams=streams))
     for _ in range(3):
         s1, m1 = big(s1, batch)
-        s2, m2 = acc(s2, batch)
-    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+        s2, m2 = split(s2, batch)
+        np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+        np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(s1.trainable), jax.tree_util.tree_leaves(s2.trainable)):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
