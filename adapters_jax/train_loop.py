@@ -108,9 +108,6 @@ def check_config(config) -> None:
     if config.train.batch_size % config.train.accum_steps:
         raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by "
                          f"train.accum_steps={config.train.accum_steps}")
-    if config.train.batch_size % (config.train.accum_steps * config.train.get("streams", 1)):
-        raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by "
-                         f"train.accum_steps x train.streams={config.train.accum_steps} x {config.train.streams}")
     if config.train.num_steps <= 0 and config.train.num_epochs <= 0:
         raise ValueError("train.num_steps or train.num_epochs must be > 0")
     if config.optim.lr <= 0:
@@ -136,10 +133,10 @@ def _check_packing(config) -> None:
     pack_mode(config)
     if d.get("pack_segments", 16) < 1:
         raise ValueError(f"data.pack_segments={d.pack_segments} must be >= 1")
-    rows, parts = d.get("pack_rows", 0), config.train.accum_steps * config.train.get("streams", 1)
-    if rows < 0 or rows % parts:
+    rows = d.get("pack_rows", 0)
+    if rows < 0 or rows % config.train.accum_steps:
         raise ValueError(f"data.pack_rows={rows} must be 0 (auto) or a positive multiple of "
-                         f"train.accum_steps x train.streams={parts}")
+                         f"train.accum_steps={config.train.accum_steps}")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -288,7 +285,7 @@ def pack_mode(config):
 def pack_kwargs(config, backbone_model) -> dict:
     """make_datasets' packing arguments from config.data: pack 'auto' packs where the task, data,
     method and backbone allow it, 'true' insists (one-line error otherwise), 'false' never packs.
-    Packed rows split evenly over the devices, the accumulation steps and the streams."""
+    Packed rows split evenly over the devices and the accumulation steps (streams need not divide them)."""
     d = config.data
     mode = pack_mode(config)
     if mode is False:
@@ -299,8 +296,7 @@ def pack_kwargs(config, backbone_model) -> dict:
             raise ValueError(f"data.pack=true: {why}; set data.pack to 'false' or 'auto'")
         return {}
     return {"pack": True, "pack_rows": d.get("pack_rows", 0), "pack_segments": d.get("pack_segments", 16),
-            # pmap splits the rows per device, then into micro-batches and streams
-            "pack_row_multiple": jax.device_count() * config.train.accum_steps * config.train.get("streams", 1)}
+            "pack_row_multiple": jax.device_count() * config.train.accum_steps}  # pmap splits per device
 
 
 def source_kwargs(config) -> dict:

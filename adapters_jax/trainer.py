@@ -94,10 +94,11 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str = "cla
       tx: the full-tree optimizer from `optim.make` (multi_transform with frozen = set_to_zero).
       accum_steps: split the batch into this many micro-batches, run one after the other (a
         scan: the activations of one micro-batch at a time), and combine their gradients.
-      streams: split each (micro-)batch into this many interleaved parts whose gradients are
-        computed side by side in one program (unrolled, independent), then combined. Same
-        memory as the whole batch; on XLA:CPU the parts' ops overlap on the cores, which the
-        ops of one batch leave idle between them (see README, Performance).
+      streams: split each (micro-)batch into this many interleaved parts (rows i, i + S, ...;
+        at most one per row, and they need not divide the rows) whose gradients are computed
+        side by side in one program (unrolled, independent), then combined. About the memory of
+        the whole batch; on XLA:CPU the parts' ops overlap on the cores, which the ops of one
+        batch leave idle between them (see README, Performance).
       skip_nonfinite: on a NaN/inf loss or gradient keep the old state (metrics['nonfinite']=1)
         instead of applying the update.
       axis_name: the pmap axis to average gradients over (None under jit, where XLA's SPMD
@@ -120,9 +121,11 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str = "cla
 
     def summed(trainable, frozen, batch, rng):
         """(loss sum, weight, gradient of the loss sum) over `streams` parts of the batch."""
+        rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        n_parts = min(streams, rows)  # parts may differ by a row: the weights make up for it
         total = None
-        for i, r in enumerate(jax.random.split(rng, streams)):
-            part = jax.tree_util.tree_map(lambda x: x[i::streams], batch)  # rows i, i + S, ...
+        for i, r in enumerate(jax.random.split(rng, n_parts)):
+            part = jax.tree_util.tree_map(lambda x: x[i::n_parts], batch)  # rows i, i + S, ...
             (loss, weight), grads = grad_fn(trainable, frozen, part, r)
             n = jnp.maximum(weight, 1.0)  # task_loss's divisor: loss * n is the part's sum
             term = (loss * n, weight, jax.tree_util.tree_map(lambda g: g * n, grads))

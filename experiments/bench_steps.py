@@ -179,7 +179,7 @@ def bench(cfg: BertConfig, method: str, dtype, peak: float, batch: int, seq: int
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    row.update(step_s=med, examples_per_s=batch / med, achieved_gflops=analytic / 1e9 / med,
+    row.update(step_s=med, step_times=times, examples_per_s=batch / med, achieved_gflops=analytic / 1e9 / med,
                mfu=analytic / med / peak if peak else None,
                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                device_peak_mib=_device_peak_mib())

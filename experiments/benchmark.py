@@ -66,6 +66,9 @@ flags.DEFINE_integer("cpu_devices", 1, "split the CPU into this many XLA devices
                      "parallel over them, as train's mesh.cpu_devices (AdapterHub keeps its threads)")
 flags.DEFINE_integer("streams", 1, "split our batch into this many parts computed side by side in one program, "
                      "as train's train.streams (trainer.make_train_step)")
+flags.DEFINE_integer("rounds", 1, "time every method (ours and AdapterHub's) this many times, in alternating "
+                     "order (A B, B A, ...), each in a fresh process: a shared VM's speed drifts within "
+                     "minutes, and one method timed after another would read the drift as a ratio")
 flags.DEFINE_bool("child", False, "internal: benchmark one method and print its JSON row")
 FLAGS = flags.FLAGS
 
@@ -99,6 +102,25 @@ def adapterhub_rows(methods: list[str]) -> list[dict]:
     if out.returncode:
         raise RuntimeError(f"AdapterHub benchmark failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def merge_rounds(rounds: list[dict], peak: float, batch: int) -> dict:
+    """One method's rows from several rounds -> one row: the median over every timed step of
+    every round, the largest peak RSS, the median compile time; `round_step_s` keeps each
+    round's median so that the drift stays visible."""
+    row = dict(rounds[0])
+    if len(rounds) == 1 or "step_s" not in row:
+        return row
+    times = [t for r in rounds for t in r["step_times"]]
+    med = statistics.median(times)
+    row.update(step_s=med, step_times=times, examples_per_s=batch / med, round_step_s=[r["step_s"] for r in rounds],
+               peak_rss_mib=max(r["peak_rss_mib"] for r in rounds))
+    if "compile_s" in row:
+        row["compile_s"] = statistics.median(r["compile_s"] for r in rounds)
+    if "analytic_gflop" in row:
+        row["achieved_gflops"] = row["analytic_gflop"] / med
+        row["mfu"] = row["achieved_gflops"] * 1e9 / peak if peak else None
+    return row
 
 
 def mixed_vs_single(cfg: BertConfig, n_tasks: int) -> dict:
@@ -162,6 +184,12 @@ def comparisons(rows: list[dict], torch_rows: list[dict]) -> list[str]:
                 out.append(f"{m:<10} step time {r['step_s'] / ours['full']['step_s']:.3f} x full fine-tuning; "
                            f"peak RSS {r['peak_rss_mib'] / ours['full']['peak_rss_mib']:.3f} x; "
                            f"XLA step memory {(r['xla_step_mib'] or 0) / (ours['full']['xla_step_mib'] or 1):.3f} x")
+    torch_by = {t["method"]: t for t in torch_rows}
+    for m, r in ours.items():  # each round's medians: the drift the alternating order averages out
+        if "round_step_s" in r:
+            t = torch_by.get(m, {}).get("round_step_s")
+            out.append(f"{m:<10} round medians: ours {', '.join(f'{x:.3f}' for x in r['round_step_s'])} s"
+                       + (f"; AdapterHub {', '.join(f'{x:.3f}' for x in t)} s" if t else ""))
     return out
 
 
@@ -193,8 +221,10 @@ def main(argv):
     del argv
     if FLAGS.cpu_devices < 1:
         raise app.UsageError(f"--cpu_devices={FLAGS.cpu_devices} must be >= 1")
-    if FLAGS.streams < 1 or FLAGS.batch % FLAGS.streams:
-        raise app.UsageError(f"--streams={FLAGS.streams} must be >= 1 and divide --batch={FLAGS.batch}")
+    if FLAGS.rounds < 1:
+        raise app.UsageError(f"--rounds={FLAGS.rounds} must be >= 1")
+    if FLAGS.streams < 1:
+        raise app.UsageError(f"--streams={FLAGS.streams} must be >= 1")
     if FLAGS.child or not FLAGS.isolate:  # before any JAX op starts the backend
         from adapters_jax import parallel
         parallel.set_cpu_devices(FLAGS.cpu_devices)
@@ -230,26 +260,38 @@ def main(argv):
              f"attention backward {FLAGS.attention_backward}, "
              f"{'last layer: CLS row only' if FLAGS.skip_unread_rows else 'last layer: every row'}, {describe(dtype)}"
              + (f", our train step data parallel over {FLAGS.cpu_devices} CPU devices" if FLAGS.cpu_devices > 1 else "")
-             + (f", our batch in {FLAGS.streams} streams" if FLAGS.streams > 1 else ""))
+             + (f", our batch in {FLAGS.streams} streams" if FLAGS.streams > 1 else "")
+             + (f", {FLAGS.rounds} rounds in alternating order" if FLAGS.rounds > 1 else ""))
     print(title, flush=True)
-    rows = []
-    for i, method in enumerate(methods):
-        t = time.perf_counter()
-        rows.append(bench_isolated(method, peak) if FLAGS.isolate else
-                    bench(cfg, method, dtype, peak, FLAGS.batch, FLAGS.seq, FLAGS.steps, FLAGS.flops_only,
-                          frozen_dtype=frozen, skip_unread_rows=FLAGS.skip_unread_rows, devices=FLAGS.cpu_devices,
-                          streams=FLAGS.streams))
-        print(f"[{i + 1}/{len(methods)}] {method}: {time.perf_counter() - t:.0f}s "
-              + (f"step {rows[-1]['step_s']:.3f}s" if "step_s" in rows[-1] else ""), flush=True)
+    by_method, torch_by = {m: [] for m in methods}, {}
+    for r in range(FLAGS.rounds):
+        order = methods if r % 2 == 0 else methods[::-1]  # A B, B A: drift hits both alike
+        for i, method in enumerate(order):
+            t = time.perf_counter()
+            by_method[method].append(bench_isolated(method, peak) if FLAGS.isolate else
+                                     bench(cfg, method, dtype, peak, FLAGS.batch, FLAGS.seq, FLAGS.steps,
+                                           FLAGS.flops_only, frozen_dtype=frozen,
+                                           skip_unread_rows=FLAGS.skip_unread_rows, devices=FLAGS.cpu_devices,
+                                           streams=FLAGS.streams))
+            row = by_method[method][-1]
+            print(f"[round {r + 1}/{FLAGS.rounds}, {i + 1}/{len(order)}] {method}: {time.perf_counter() - t:.0f}s "
+                  + (f"step {row['step_s']:.3f}s" if "step_s" in row else ""), flush=True)
+        if FLAGS.adapterhub and not FLAGS.flops_only:
+            for t_row in adapterhub_rows(order):
+                torch_by.setdefault(t_row["method"], []).append(t_row)
+                print(f"[round {r + 1}/{FLAGS.rounds}] AdapterHub {t_row['method']}: step {t_row['step_s']:.3f}s",
+                      flush=True)
     if readings:  # a shared VM's peak moves within minutes: measure again, keep the best reading
         readings.append(matmul_peak(dtype) / 1e9)
         peak = max(readings) * 1e9
+    rows = [merge_rounds(by_method[m], peak, FLAGS.batch) for m in methods]
+    torch_rows = [merge_rounds(torch_by[m], 0.0, FLAGS.batch) for m in methods if m in torch_by]
+    if readings:
         for r in rows:
             if r.get("achieved_gflops") is not None:
                 r["mfu"] = r["achieved_gflops"] * 1e9 / peak
         title = title.replace(f"matmul peak {readings[0]:.0f} GFLOP/s",
                               f"matmul peak {peak / 1e9:.0f} GFLOP/s (best of {', '.join(f'{x:.0f}' for x in readings)})")
-    torch_rows = adapterhub_rows(methods) if FLAGS.adapterhub and not FLAGS.flops_only else []
     print("\n" + title + "\n" + format_train_table(rows, FLAGS.flops_only))
     for line in comparisons(rows, torch_rows):
         print(line)
@@ -257,7 +299,7 @@ def main(argv):
               "cpu_threads": os.cpu_count(), "matmul_peak_gflops": peak / 1e9,
               "matmul_peak_readings_gflops": readings, "malloc": FLAGS.malloc,
               "frozen_dtype": jnp.dtype(frozen).name, "attention_backward": FLAGS.attention_backward,
-              "skip_unread_rows": FLAGS.skip_unread_rows, "cpu_devices": FLAGS.cpu_devices, "streams": FLAGS.streams, "dots": describe(dtype), "rows": rows, "adapterhub": torch_rows}
+              "skip_unread_rows": FLAGS.skip_unread_rows, "cpu_devices": FLAGS.cpu_devices, "streams": FLAGS.streams, "rounds": FLAGS.rounds, "dots": describe(dtype), "rows": rows, "adapterhub": torch_rows}
     if FLAGS.inference:
         from experiments import bench_inference
         inf = bench_inference.latency_table(cfg, seq=FLAGS.seq, reps=FLAGS.steps, dtype=dtype)

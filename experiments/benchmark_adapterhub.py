@@ -67,7 +67,8 @@ def time_train_step(method: str, path: str, batch: int, seq: int, steps: int, bo
         step()
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    return {"method": method, "framework": "adapterhub", "step_s": med, "examples_per_s": batch / med,
+    return {"method": method, "framework": "adapterhub", "step_s": med, "step_times": times,
+            "examples_per_s": batch / med,
             "trainable": n_trainable, "threads": torch.get_num_threads(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

@@ -83,10 +83,11 @@ def test_layernorm_and_bitfit_options(option, extra_path):
     assert flat[("backbone", "encoder", "layer_0", "attention", "query", "kernel")] == peft.FROZEN
 
 
-@pytest.mark.parametrize("accum_steps,streams", [(4, 1), (1, 2), (2, 2)])
+@pytest.mark.parametrize("accum_steps,streams", [(4, 1), (1, 3), (2, 2)])
 def test_split_batches_equal_one_big_batch(accum_steps, streams):
     """Micro-batches (scan) and streams (side by side) give the whole batch's weighted mean loss
-    and gradient, also when the parts hold different total weights (padding rows weigh 0)."""
+    and gradient, also when the parts hold different total weights (padding rows weigh 0) and
+    different row counts (3 streams of 8 rows: 3, 3 and 2)."""
     model, params, labels, batch = _setup()
     batch = dict(batch, weights=np.array([1, 1, 0, 1, 0, 0, 1, 0.5], np.float32))  # uneven per part
     tx, _ = optim.make(params, labels, lr=1e-2, total_steps=5)
