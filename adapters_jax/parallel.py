@@ -107,8 +107,11 @@ def pmap_step(step_fn: Callable) -> Callable:
 
 
 def replicate(tree: Any) -> Any:
+    """One copy per local device, [devices, ...], for pmap. Through the host: a device array
+    (e.g. one a checkpoint restore placed on device 0) would stay committed to its device, and
+    pmap refuses it."""
     n = jax.local_device_count()
-    return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
+    return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
 
 
 def unreplicate(tree: Any) -> Any:

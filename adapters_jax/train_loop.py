@@ -174,6 +174,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     step_fn, eval_fn, put_state, put_batch, get_metrics = make_steps(config, model, tx, state, data.train_rows)
     state = put_state(state)
+    # what checkpoints and exports read: pmap holds one replica of the state per device
+    host = parallel.unreplicate if config.parallelism == "pmap" else (lambda s: s)
     best_key = f"eval_{config.metric}"
     best = _best_so_far(workdir, best_key)
     if start == 0 and tr.get("eval_at_start", False):  # the "before" number: base + adapters at init
@@ -182,7 +184,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         log.message("step 0: " + ", ".join(f"eval_{k}={v:.4f}" for k, v in ev0.items()))
         if metrics.better(config.metric, ev0[config.metric], best):  # training must beat the start
             best = ev0[config.metric]
-            _export(os.path.join(workdir, "adapter_best"), state, config, meta, 0, ev0)
+            _export(os.path.join(workdir, "adapter_best"), host(state), config, meta, 0, ev0)
     pending, t_log, last_log = [], time.perf_counter(), start
     t_loop = t_log  # train_s in the log: this session's loop time so far (compiles included)
     try:
@@ -208,9 +210,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 log.message(f"step {step}: " + ", ".join(f"eval_{k}={v:.4f}" for k, v in ev.items()))
                 if metrics.better(config.metric, ev[config.metric], best):  # perplexity: lower wins
                     best = ev[config.metric]
-                    _export(os.path.join(workdir, "adapter_best"), state, config, meta, step, ev)
+                    _export(os.path.join(workdir, "adapter_best"), host(state), config, meta, step, ev)
             if step % tr.ckpt_every == 0 or step == total:
-                checkpoint.save(mngr, state, data.train.get_state(), force=step == total)
+                checkpoint.save(mngr, host(state), data.train.get_state(), force=step == total)
         checkpoint.finish(mngr)
     except BaseException:
         checkpoint.finish(mngr, quiet=True)  # a save under way completes; nothing new is written
@@ -218,9 +220,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise
     if start == total:  # resumed a finished run: nothing trained, evaluate what was restored
         final = evaluate(eval_fn, state, data.eval_batches, config, data.num_labels, put_batch)
-    size = _export(os.path.join(workdir, "adapter"), state, config, meta, total, final)
+    size = _export(os.path.join(workdir, "adapter"), host(state), config, meta, total, final)
     if config.model.get("export_backbone"):  # e.g. a ViT pretrained here: the base of a later adapter run
-        log.message(f"backbone export: {_export_backbone(os.path.join(workdir, 'backbone'), state, config, backbone)}")
+        log.message(f"backbone export: {_export_backbone(os.path.join(workdir, 'backbone'), host(state), config, backbone)}")
     log.message(f"adapter export: {os.path.join(workdir, 'adapter')} ({size / 2**20:.2f} MiB); "
                 f"best {best_key}={best:.4f}; train time {time.perf_counter() - t_start:.0f}s")
     log.message(f"final {data.eval_split} " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))

@@ -37,8 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
                                             glue_dir="", num_labels=2, skip_bad_rows=False,
                                             pack="auto", pack_rows=0, pack_segments=16))
     # streams: each step's batch split into this many parts computed side by side in one program
-    # (trainer.make_train_step): same result and memory, and on XLA:CPU the parts' ops overlap on
-    # the cores (README, Performance). accum_steps: micro-batches run one after another (less memory)
+    # (trainer.make_train_step): the same loss and gradient (other dropout masks), about the same
+    # memory, a compile twice as long; on XLA:CPU the parts' ops overlap on the cores (README,
+    # Parallelism). accum_steps: micro-batches run one after another (less memory)
     c.train = ml_collections.ConfigDict(dict(
         batch_size=32, eval_batch_size=64, num_epochs=3, num_steps=-1, accum_steps=1, streams=1,
         log_every=20, eval_every=-1, ckpt_every=200, max_to_keep=2,  # eval_every -1: once per epoch

@@ -1,7 +1,8 @@
 """Run as a script: splits the CPU into 8 devices (`parallel.set_cpu_devices`, as train's
 mesh.cpu_devices does), trains a tiny adapted model 5 steps on 1 device, with jit over an
-8-device mesh (plain and fsdp-sharded frozen params, and with float32 dots in oneDNN) and with
-pmap, and prints the max differences as JSON."""
+8-device mesh (plain and fsdp-sharded frozen params, with float32 dots in oneDNN, and in two
+streams) and with pmap, and prints the max differences as JSON; then runs the training loop under
+pmap and resumes it."""
 import json
 import os
 import sys
@@ -50,12 +51,15 @@ def main():
     results = {}
     os.environ[compile_options.ONEDNN_ENV] = "1"  # the mesh step with float32 dots in oneDNN too (x86)
     onednn = compile_options.train_compiler_options(jnp.float32)
-    for name, fsdp, shard_frozen, options in (("jit_data8", 1, False, None), ("jit_data4_fsdp2", 2, True, None),
-                                              ("jit_data8_onednn", 1, False, onednn)):
+    streamed = trainer.make_train_step(model, tx, streams=2)  # rows i, i + 2, ... of each device's share
+    for name, fsdp, shard_frozen, options, fn in (("jit_data8", 1, False, None, step),
+                                                  ("jit_data4_fsdp2", 2, True, None, step),
+                                                  ("jit_data8_onednn", 1, False, onednn, step),
+                                                  ("jit_data8_streams2", 1, False, None, streamed)):
         mesh = parallel.make_mesh(fsdp)
         sh = parallel.state_shardings(fresh(), mesh, shard_frozen)
         state = parallel.put_state(fresh(), sh)
-        jstep = parallel.jit_step(step, sh, mesh, compiler_options=options)
+        jstep = parallel.jit_step(fn, sh, mesh, compiler_options=options)
         losses = []
         for b in batches:
             state, m = jstep(state, parallel.put_batch(b, mesh))
@@ -63,13 +67,37 @@ def main():
         results[name] = _diff(losses, losses_one, state.trainable, one.trainable)
 
     pstep = parallel.pmap_step(trainer.make_train_step(model, tx, axis_name=parallel.PMAP_AXIS))
-    state = parallel.replicate(fresh())
+    state = parallel.replicate(jax.device_put(fresh(), jax.devices()[0]))  # committed, as a restore leaves it
     losses = []
     for b in batches:
         state, m = pstep(state, parallel.shard_for_pmap(b))
         losses.append(float(m["loss"][0]))
     results["pmap8"] = _diff(losses, losses_one, parallel.unreplicate(state.trainable), one.trainable)
-    json.dump({"results": results, "late_split_error": refused}, sys.stdout)
+    json.dump({"results": results, "late_split_error": refused, "pmap_run": _pmap_run_and_resume()}, sys.stdout)
+
+
+def _pmap_run_and_resume() -> dict:
+    """experiments.train's loop under parallelism=pmap: 2 steps with a checkpoint and an export,
+    then the same command resumed to 3 steps (pmap holds one replica per device; checkpoints,
+    exports and the resumed state must see one)."""
+    import contextlib
+    import importlib
+    import io
+    import tempfile
+
+    from adapters_jax.train_loop import train_and_evaluate
+    with tempfile.TemporaryDirectory() as workdir:
+        logs = []
+        for steps in (2, 3):
+            config = importlib.import_module("configs.houlsby_r64").get_config("smoke")
+            config.parallelism, config.train.num_steps, config.train.streams = "pmap", steps, 2
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                train_and_evaluate(config, workdir)
+            logs.append(out.getvalue())
+        return {"resumed": "resuming from step 2" in logs[1],
+                "export": os.path.exists(os.path.join(workdir, "adapter", "adapter.safetensors")),
+                "checkpoints": sorted(os.listdir(os.path.join(workdir, "checkpoints")))}
 
 
 def _diff(losses, ref_losses, trainable, ref_trainable):

@@ -15,7 +15,10 @@ def test_jit_and_pmap_on_8_cpu_devices_match_one_device():
     out = json.loads(out.stdout.strip().splitlines()[-1])
     assert out["late_split_error"].startswith("mesh.cpu_devices=2: "), out["late_split_error"]
     results = out["results"]
-    assert set(results) == {"jit_data8", "jit_data4_fsdp2", "jit_data8_onednn", "pmap8"}
+    assert set(results) == {"jit_data8", "jit_data4_fsdp2", "jit_data8_onednn", "jit_data8_streams2", "pmap8"}
     for name, r in results.items():
         assert r["loss_moved"] > 1e-4, (name, r)  # the runs really trained
         assert r["loss"] <= 1e-5 and r["params"] <= 1e-5, (name, r)
+    # the training loop under pmap saves, exports and resumes (replicated state, one copy saved)
+    assert out["pmap_run"]["resumed"] and out["pmap_run"]["export"], out["pmap_run"]
+    assert out["pmap_run"]["checkpoints"][-1] == "3", out["pmap_run"]
