@@ -28,8 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
     # `python -m experiments.choose_buckets --config ...` picks them for a dataset and machine:
     # these are its pick for Rotten Tomatoes on MiniLM (1 or 3 epochs).
     # pack: train on packed rows (several examples per row, each attending only to itself; one compile,
-    # almost no padding) instead of buckets. 'auto' packs where it can (BERT-family encoders,
-    # classification and regression, not prompt tuning), 'true' insists, 'false' uses the buckets.
+    # almost no padding) instead of buckets. 'auto' packs where it can (BERT-family encoders and
+    # Llama-family decoders, classification and regression, not prompt tuning), 'true' insists,
+    # 'false' uses the buckets.
     # pack_rows 0 fits batch_size examples of the mean length per step; pack_segments caps the
     # examples in one row. Evaluation packs too (eval_batch_size examples per batch on average).
     c.data = ml_collections.ConfigDict(dict(name="rotten_tomatoes", max_length=128,

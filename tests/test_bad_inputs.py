@@ -49,8 +49,8 @@ CASES = [
     (H, ["--config.data.pack_rows=3", "--config.train.accum_steps=2"],
      "data.pack_rows=3 must be 0 (auto) or a positive multiple of train.accum_steps=2"),
     (H, ["--config.data.pack=yes"], "data.pack='yes' must be 'auto', 'true' or 'false'"),
-    (H, ["--config.model.name=tiny-random-llama", "--config.data.pack=true"],
-     "data.pack=true: LlamaModel does not take packed rows"),
+    (H, ["--config.model.name=tiny-random-llama", "--config.data.pack=true", "--config.task=lm",
+         "--config.metric=perplexity"], "data.pack=true: task='lm' (packing is for classification"),
     (H, ["--config.mesh.fsdp=3"], "mesh.fsdp=3 must divide the device count 8"),
     (H, ["--config.mesh.cpu_devices=-2"], "mesh.cpu_devices=-2 must be an integer >= 0"),
     # a causal decoder's first token has read nothing after it

@@ -11,7 +11,8 @@ import pytest
 from adapters_jax import trainer
 from adapters_jax.adapters import presets
 from adapters_jax.adapters.spec import AdapterSpec
-from adapters_jax.backbones.bert import BertModel, segment_positions
+from adapters_jax.backbones.attention import segment_positions
+from adapters_jax.backbones.bert import BertModel
 from adapters_jax.data import batching, packing, pipeline
 from adapters_jax.heads import ClassificationHead
 from adapters_jax.model import AdaptedModel
@@ -97,6 +98,39 @@ def test_packed_logits_match_each_example_alone(pooling, skip, roberta, prefix):
     want = np.asarray(jax.jit(model.apply)({"params": params}, padded))  # [N, 2]
     got = np.asarray(jax.jit(model.apply)({"params": params}, packed))  # [R, S, 2]
     np.testing.assert_allclose(_unpack(got, rows, len(examples)), want, atol=2e-5, rtol=1e-4)
+
+
+def _llama_model(pooling):
+    """A tiny Llama (grouped-query heads, RoPE) with LoRA and a bottleneck adapter, classifying."""
+    from adapters_jax.backbones.llama import LlamaConfig, LlamaModel
+    cfg = LlamaConfig(vocab_size=CFG.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=48, max_position_embeddings=64)
+    spec = AdapterSpec(placements=presets.pfeiffer(bottleneck_dim=8) + presets.lora(r=4, alpha=8))
+    return AdaptedModel(LlamaModel(cfg, filler=spec), ClassificationHead(2, pooling=pooling))
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_packed_decoder_matches_each_example_alone(pooling):
+    """A causal decoder on packed rows: each token attends the earlier tokens of its own example,
+    so logits, loss and gradients are each example's alone (right-padded, as `batching.collate`
+    pads). Fails with the padding mask in place of the pair mask; RoPE, which sees only position
+    differences, would pass with unrestarted positions too."""
+    examples = _examples(11, seed=2)
+    padded, packed, rows = _both(examples)
+    model = _llama_model(pooling)
+    params = _params(model, padded)
+    want = np.asarray(jax.jit(model.apply)({"params": params}, padded))  # [N, 2]
+    got = np.asarray(jax.jit(model.apply)({"params": params}, packed))  # [R, S, 2]
+    np.testing.assert_allclose(_unpack(got, rows, len(examples)), want, atol=2e-5, rtol=1e-4)
+
+    def loss(p, batch):
+        return trainer.task_loss(model.apply({"params": p}, batch), batch, "classification")[0]
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    (want_l, want_g), (got_l, got_g) = grad(params, padded), grad(params, packed)
+    np.testing.assert_allclose(got_l, want_l, rtol=1e-5)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_g), jax.tree_util.tree_leaves(want_g)):
+        np.testing.assert_allclose(g, w, atol=1e-6, rtol=2e-4, err_msg=jax.tree_util.keystr(path))
 
 
 def test_packed_loss_and_gradients_match_the_padded_batch():

@@ -62,6 +62,16 @@ def segment_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
     return (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
 
 
+def segment_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:
+    """[B, T] each token's position inside its packed example (segment_ids [B, T], examples
+    contiguous): the index minus that of the segment's first token."""
+    t = jnp.arange(segment_ids.shape[1])
+    first = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)  # [B, T] a segment starts
+    start = jax.lax.cummax(jnp.where(first, t, 0), axis=1)  # [B, T] its start
+    return t - start
+
+
 def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
            dropout_rate: float, deterministic: bool, module: nn.Module,
            bias: Optional[jnp.ndarray] = None, scale: Optional[float] = None) -> jnp.ndarray:

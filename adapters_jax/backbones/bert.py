@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
-from adapters_jax.backbones.attention import segment_mask, self_attention, take_rows
+from adapters_jax.backbones.attention import segment_mask, segment_positions, self_attention, take_rows
 from adapters_jax.backbones.gelu import gelu_exact
 from adapters_jax.backbones.grad_barrier import grad_barrier
 from adapters_jax.backbones.layer_norm import layer_norm
@@ -95,16 +95,6 @@ class LayerNorm(nn.Module):
         bias = param(self, "bias", nn.initializers.zeros, (d,), jnp.float32)
         y = layer_norm(x.astype(jnp.float32), scale, bias, self.eps)  # [..., D] float32
         return grad_barrier(y)  # its gradient is computed once (see grad_barrier.py)
-
-
-def segment_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:
-    """[B, T] each token's position inside its packed example (segment_ids [B, T], examples
-    contiguous): the index minus that of the segment's first token."""
-    t = jnp.arange(segment_ids.shape[1])
-    first = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
-                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)  # [B, T] a segment starts
-    start = jax.lax.cummax(jnp.where(first, t, 0), axis=1)  # [B, T] its start
-    return t - start
 
 
 class BertEmbeddings(nn.Module):

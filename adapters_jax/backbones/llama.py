@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
-from adapters_jax.backbones.attention import self_attention
+from adapters_jax.backbones.attention import segment_mask, segment_positions, self_attention
 from adapters_jax.backbones.bert import ACTIVATIONS
 from adapters_jax.param import param
 
@@ -191,10 +191,19 @@ class LlamaModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None,
-                 deterministic: bool = True, output_hidden_states: bool = False, adapter_ids=None):
+                 deterministic: bool = True, output_hidden_states: bool = False, adapter_ids=None,
+                 segment_ids=None, segment_starts=None):
+        """segment_ids [B, T], segment_starts [B, S]: packed rows (`adapters_jax.data.packing`).
+        Each token attends the earlier tokens of its own example, so each example gets the
+        logits it gets alone. Rotary positions restart at each example's first token: RoPE's
+        scores depend only on position differences, so this changes nothing in exact arithmetic,
+        but the rotations are then the very ones the example gets alone."""
         c = self.config
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
+        packed = segment_ids is not None
+        if packed and (position_ids is not None or sites.lookup(self.filler, sites.EMBED_PROMPT, -1) is not None):
+            raise ValueError("packed rows (segment_ids) set their own positions and take no prompt tokens")
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens",
                          embedding_init=nn.initializers.normal(c.initializer_range))
         x = embed(input_ids)  # [B, T, D]
@@ -203,7 +212,11 @@ class LlamaModel(nn.Module):
         if prompt is not None:
             x, attention_mask = prompt(name=sites.EMBED_PROMPT)(x, attention_mask)
         n_prompt = x.shape[1] - t
-        if position_ids is None:
+        key_mask = attention_mask  # [B, T']
+        if packed:
+            position_ids = segment_positions(segment_ids)  # [B, T], restarting per example
+            key_mask = segment_mask(segment_ids)  # [B, 1, T, T]; attention adds the causal part
+        elif position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         else:
             position_ids = jnp.broadcast_to(jnp.asarray(position_ids), input_ids.shape)
@@ -211,7 +224,7 @@ class LlamaModel(nn.Module):
                 head = jnp.broadcast_to(jnp.arange(n_prompt), (x.shape[0], n_prompt))
                 position_ids = jnp.concatenate([head, position_ids + n_prompt], axis=1)
         x, hidden = LlamaLayers(c, self.filler, self.dtype, name="layers")(
-            x, attention_mask, position_ids, deterministic, sites.context(self.filler, adapter_ids))
+            x, key_mask, position_ids, deterministic, sites.context(self.filler, adapter_ids))
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)  # [B, T', D]
         if c.tie_word_embeddings:
             logits = embed.attend(x)  # x @ embedding.T, [B, T', V]
@@ -219,6 +232,8 @@ class LlamaModel(nn.Module):
             logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head",
                               kernel_init=nn.initializers.normal(c.initializer_range))(x)
         out = {"last_hidden_state": x, "logits": logits, "attention_mask": attention_mask}
+        if packed:  # the head pools per example
+            out.update(segment_ids=segment_ids, segment_starts=segment_starts)
         if output_hidden_states:
             out["hidden_states"] = tuple(hidden[:-1]) + (x,)
         return out
