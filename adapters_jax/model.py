@@ -35,7 +35,7 @@ class AdaptedModel(nn.Module):
         inputs = backbone_inputs(self.backbone, batch)
         if "segment_ids" in batch and "segment_ids" not in inputs:
             raise ValueError(f"data.pack: {type(self.backbone).__name__} does not take packed rows "
-                             "(segment_ids); BERT-family encoders and Llama do. Set data.pack='false'")
+                             "(segment_ids); BERT-family encoders, GPT-2 and Llama do. Set data.pack='false'")
         if (self.skip_unread_rows and getattr(self.head, "reads_first_token_only", False)
                 and accepts(self.backbone, "first_token_only")):
             inputs["first_token_only"] = True

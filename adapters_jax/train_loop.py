@@ -268,7 +268,7 @@ def packing_unsupported(config, backbone_model) -> str:
     if config.adapter.get("method") == "prompt":
         return "prompt tuning puts its tokens in front of the row, not of each packed example"
     if not accepts(backbone_model, "segment_ids"):
-        return f"{type(backbone_model).__name__} does not take packed rows (segment_ids); BERT-family encoders and Llama do"
+        return f"{type(backbone_model).__name__} does not take packed rows (segment_ids); BERT-family encoders, GPT-2 and Llama do"
     return ""
 
 

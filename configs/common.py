@@ -29,7 +29,7 @@ def base_config() -> ml_collections.ConfigDict:
     # these are its pick for Rotten Tomatoes on MiniLM (1 or 3 epochs).
     # pack: train on packed rows (several examples per row, each attending only to itself; one compile,
     # almost no padding) instead of buckets. 'auto' packs where it can (BERT-family encoders and
-    # Llama-family decoders, classification and regression, not prompt tuning), 'true' insists,
+    # GPT-2 and Llama decoders, classification and regression, not prompt tuning), 'true' insists,
     # 'false' uses the buckets.
     # pack_rows 0 fits batch_size examples of the mean length per step; pack_segments caps the
     # examples in one row. Evaluation packs too (eval_batch_size examples per batch on average).

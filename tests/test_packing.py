@@ -100,24 +100,33 @@ def test_packed_logits_match_each_example_alone(pooling, skip, roberta, prefix):
     np.testing.assert_allclose(_unpack(got, rows, len(examples)), want, atol=2e-5, rtol=1e-4)
 
 
-def _llama_model(pooling):
-    """A tiny Llama (grouped-query heads, RoPE) with LoRA and a bottleneck adapter, classifying."""
-    from adapters_jax.backbones.llama import LlamaConfig, LlamaModel
-    cfg = LlamaConfig(vocab_size=CFG.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=48, max_position_embeddings=64)
+def _decoder_model(family, pooling):
+    """A tiny Llama (grouped-query heads, RoPE) or GPT-2 (learned positions), with LoRA and a
+    bottleneck adapter, classifying."""
     spec = AdapterSpec(placements=presets.pfeiffer(bottleneck_dim=8) + presets.lora(r=4, alpha=8))
-    return AdaptedModel(LlamaModel(cfg, filler=spec), ClassificationHead(2, pooling=pooling))
+    if family == "llama":
+        from adapters_jax.backbones.llama import LlamaConfig, LlamaModel
+        cfg = LlamaConfig(vocab_size=CFG.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                          intermediate_size=48, max_position_embeddings=64)
+        backbone = LlamaModel(cfg, filler=spec)
+    else:
+        from adapters_jax.backbones.gpt2 import GPT2Config, GPT2Model
+        cfg = GPT2Config(vocab_size=CFG.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
+                         max_position_embeddings=64, embedding_dropout=0.0, hidden_dropout=0.0,
+                         attention_dropout=0.0)
+        backbone = GPT2Model(cfg, filler=spec)
+    return AdaptedModel(backbone, ClassificationHead(2, pooling=pooling))
 
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_packed_decoder_matches_each_example_alone(pooling):
+@pytest.mark.parametrize("family,pooling", [("llama", "last"), ("llama", "mean"), ("gpt2", "last")])
+def test_packed_decoder_matches_each_example_alone(family, pooling):
     """A causal decoder on packed rows: each token attends the earlier tokens of its own example,
     so logits, loss and gradients are each example's alone (right-padded, as `batching.collate`
-    pads). Fails with the padding mask in place of the pair mask; RoPE, which sees only position
-    differences, would pass with unrestarted positions too."""
+    pads). Fails with the padding mask in place of the pair mask, and (GPT-2's learned positions)
+    with unrestarted positions; RoPE, which sees only position differences, would pass those."""
     examples = _examples(11, seed=2)
     padded, packed, rows = _both(examples)
-    model = _llama_model(pooling)
+    model = _decoder_model(family, pooling)
     params = _params(model, padded)
     want = np.asarray(jax.jit(model.apply)({"params": params}, padded))  # [N, 2]
     got = np.asarray(jax.jit(model.apply)({"params": params}, packed))  # [R, S, 2]

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
-from adapters_jax.backbones.attention import self_attention
+from adapters_jax.backbones.attention import segment_mask, segment_positions, self_attention
 from adapters_jax.backbones.bert import ACTIVATIONS, LayerNorm
 from adapters_jax.backbones.grad_barrier import grad_barrier
 from adapters_jax.dropout import Dropout
@@ -158,11 +158,22 @@ class GPT2Model(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None,
-                 deterministic: bool = True, output_hidden_states: bool = False, adapter_ids=None):
+                 deterministic: bool = True, output_hidden_states: bool = False, adapter_ids=None,
+                 segment_ids=None, segment_starts=None):
+        """segment_ids [B, T], segment_starts [B, S]: packed rows (`adapters_jax.data.packing`).
+        Each token attends the earlier tokens of its own example and reads the position
+        embedding of its place in that example, so each example gets the logits it gets alone."""
         c = self.config
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        if position_ids is None:
+        packed = segment_ids is not None
+        if packed and (position_ids is not None or sites.lookup(self.filler, sites.EMBED_PROMPT, -1) is not None):
+            raise ValueError("packed rows (segment_ids) set their own positions and take no prompt tokens")
+        key_mask = attention_mask  # [B, T]
+        if packed:
+            position_ids = segment_positions(segment_ids)  # [B, T], restarting per example
+            key_mask = segment_mask(segment_ids)  # [B, 1, T, T]; attention adds the causal part
+        elif position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         emb = lambda n, name: nn.Embed(n, c.hidden_size, dtype=self.dtype, name=name,
                                        embedding_init=nn.initializers.normal(c.initializer_range))
@@ -172,8 +183,9 @@ class GPT2Model(nn.Module):
         prompt = sites.lookup(self.filler, sites.EMBED_PROMPT, -1)
         if prompt is not None:
             x, attention_mask = prompt(name=sites.EMBED_PROMPT)(x, attention_mask)
+            key_mask = attention_mask
         x, hidden = GPT2Layers(c, self.filler, self.dtype, name="layers")(
-            x, attention_mask, deterministic, sites.context(self.filler, adapter_ids))
+            x, key_mask, deterministic, sites.context(self.filler, adapter_ids))
         x = LayerNorm(c.layer_norm_eps, self.dtype, name="norm")(x)  # [B, T', D]
         if c.tie_word_embeddings:
             logits = wte.attend(x)  # x @ wte.T, [B, T', V]
@@ -181,6 +193,8 @@ class GPT2Model(nn.Module):
             logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head",
                               kernel_init=nn.initializers.normal(c.initializer_range))(x)
         out = {"last_hidden_state": x, "logits": logits, "attention_mask": attention_mask}
+        if packed:  # the head pools per example
+            out.update(segment_ids=segment_ids, segment_starts=segment_starts)
         if output_hidden_states:
             out["hidden_states"] = tuple(hidden[:-1]) + (x,)
         return out
