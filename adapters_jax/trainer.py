@@ -132,23 +132,24 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str = "cla
             total = term if total is None else jax.tree_util.tree_map(jnp.add, total, term)
         return total
 
+    def accumulated(trainable, frozen, batch, rng):
+        """`summed` over `accum_steps` micro-batches, one after the other (a scan)."""
+        split = jax.tree_util.tree_map(
+            lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
+
+        def body(carry, xs):
+            mb, r = xs
+            return jax.tree_util.tree_map(jnp.add, carry, summed(trainable, frozen, mb, r)), None
+
+        zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                jax.tree_util.tree_map(jnp.zeros_like, trainable))
+        return jax.lax.scan(body, zero, (split, jax.random.split(rng, accum_steps)))[0]
+
     def micro(trainable, frozen, batch, rng):
         if accum_steps == 1 and streams == 1:
             (loss, _), grads = grad_fn(trainable, frozen, batch, rng)
         else:
-            if accum_steps == 1:
-                loss, weight, grads = summed(trainable, frozen, batch, rng)
-            else:
-                split = jax.tree_util.tree_map(
-                    lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
-
-                def body(carry, xs):
-                    mb, r = xs
-                    return jax.tree_util.tree_map(jnp.add, carry, summed(trainable, frozen, mb, r)), None
-
-                zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-                        jax.tree_util.tree_map(jnp.zeros_like, trainable))
-                (loss, weight, grads), _ = jax.lax.scan(body, zero, (split, jax.random.split(rng, accum_steps)))
+            loss, weight, grads = (summed if accum_steps == 1 else accumulated)(trainable, frozen, batch, rng)
             d = jnp.maximum(weight, 1.0)
             loss, grads = loss / d, jax.tree_util.tree_map(lambda g: g / d, grads)
         if regularizer is not None:  # once per step, on the parameters alone

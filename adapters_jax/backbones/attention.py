@@ -72,6 +72,14 @@ def segment_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:
     return t - start
 
 
+def packed_decoder_inputs(segment_ids: jnp.ndarray, position_ids, has_prompt: bool) -> tuple:
+    """(pair mask [B, 1, T, T], positions [B, T]) for a decoder on packed rows: attention adds the
+    causal part to the pair mask, and positions restart at each example's first token."""
+    if position_ids is not None or has_prompt:
+        raise ValueError("packed rows (segment_ids) set their own positions and take no prompt tokens")
+    return segment_mask(segment_ids), segment_positions(segment_ids)
+
+
 def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray,
            dropout_rate: float, deterministic: bool, module: nn.Module,
            bias: Optional[jnp.ndarray] = None, scale: Optional[float] = None) -> jnp.ndarray:

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
-from adapters_jax.backbones.attention import segment_mask, segment_positions, self_attention
+from adapters_jax.backbones.attention import packed_decoder_inputs, self_attention
 from adapters_jax.backbones.bert import ACTIVATIONS, LayerNorm
 from adapters_jax.backbones.grad_barrier import grad_barrier
 from adapters_jax.dropout import Dropout
@@ -167,14 +167,13 @@ class GPT2Model(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         packed = segment_ids is not None
-        if packed and (position_ids is not None or sites.lookup(self.filler, sites.EMBED_PROMPT, -1) is not None):
-            raise ValueError("packed rows (segment_ids) set their own positions and take no prompt tokens")
-        key_mask = attention_mask  # [B, T]
-        if packed:
-            position_ids = segment_positions(segment_ids)  # [B, T], restarting per example
-            key_mask = segment_mask(segment_ids)  # [B, 1, T, T]; attention adds the causal part
-        elif position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        if packed:  # pair mask [B, 1, T, T], positions [B, T] restarting per example
+            key_mask, position_ids = packed_decoder_inputs(
+                segment_ids, position_ids, sites.lookup(self.filler, sites.EMBED_PROMPT, -1) is not None)
+        else:
+            key_mask = attention_mask  # [B, T]
+            if position_ids is None:
+                position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         emb = lambda n, name: nn.Embed(n, c.hidden_size, dtype=self.dtype, name=name,
                                        embedding_init=nn.initializers.normal(c.initializer_range))
         wte = emb(c.vocab_size, "wte")

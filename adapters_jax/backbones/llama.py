@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from adapters_jax.backbones import sites
-from adapters_jax.backbones.attention import segment_mask, segment_positions, self_attention
+from adapters_jax.backbones.attention import packed_decoder_inputs, self_attention
 from adapters_jax.backbones.bert import ACTIVATIONS
 from adapters_jax.param import param
 
@@ -202,8 +202,9 @@ class LlamaModel(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         packed = segment_ids is not None
-        if packed and (position_ids is not None or sites.lookup(self.filler, sites.EMBED_PROMPT, -1) is not None):
-            raise ValueError("packed rows (segment_ids) set their own positions and take no prompt tokens")
+        if packed:  # pair mask [B, 1, T, T], positions [B, T] restarting per example
+            key_mask, position_ids = packed_decoder_inputs(
+                segment_ids, position_ids, sites.lookup(self.filler, sites.EMBED_PROMPT, -1) is not None)
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="embed_tokens",
                          embedding_init=nn.initializers.normal(c.initializer_range))
         x = embed(input_ids)  # [B, T, D]
@@ -212,17 +213,15 @@ class LlamaModel(nn.Module):
         if prompt is not None:
             x, attention_mask = prompt(name=sites.EMBED_PROMPT)(x, attention_mask)
         n_prompt = x.shape[1] - t
-        key_mask = attention_mask  # [B, T']
-        if packed:
-            position_ids = segment_positions(segment_ids)  # [B, T], restarting per example
-            key_mask = segment_mask(segment_ids)  # [B, 1, T, T]; attention adds the causal part
-        elif position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-        else:
-            position_ids = jnp.broadcast_to(jnp.asarray(position_ids), input_ids.shape)
-            if n_prompt:
-                head = jnp.broadcast_to(jnp.arange(n_prompt), (x.shape[0], n_prompt))
-                position_ids = jnp.concatenate([head, position_ids + n_prompt], axis=1)
+        if not packed:  # (packed rows got both from packed_decoder_inputs)
+            key_mask = attention_mask  # [B, T']
+            if position_ids is None:
+                position_ids = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+            else:
+                position_ids = jnp.broadcast_to(jnp.asarray(position_ids), input_ids.shape)
+                if n_prompt:
+                    head = jnp.broadcast_to(jnp.arange(n_prompt), (x.shape[0], n_prompt))
+                    position_ids = jnp.concatenate([head, position_ids + n_prompt], axis=1)
         x, hidden = LlamaLayers(c, self.filler, self.dtype, name="layers")(
             x, key_mask, position_ids, deterministic, sites.context(self.filler, adapter_ids))
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)  # [B, T', D]
