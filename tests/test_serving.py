@@ -29,10 +29,14 @@ def exports(tmp_path_factory):
 
 
 def test_swapping_adapters_does_not_recompile_and_mixed_batches_match(exports):
+    import jax
     server = AdapterServer("tiny-random-bert", max_length=32)
-    a = server.load(exports["pos"])
-    b = server.load(exports["neg"])
-    assert a.load_ms < 1000 and b.load_ms < 1000
+    base_leaves = jax.tree_util.tree_leaves(server.base)
+    server.load(exports["pos"])
+    server.load(exports["neg"])
+    # Swapping reads only the adapter files: the base's device arrays are the very same objects.
+    # (Load time is reported by `experiments.predict --swaps`, not asserted here: CI machines vary.)
+    assert all(x is y for x, y in zip(jax.tree_util.tree_leaves(server.base), base_leaves, strict=True))
     la = server.predict(TEXTS, "pos")
     lb = server.predict(TEXTS, "neg")
     la2 = server.predict(TEXTS, "pos")
