@@ -104,8 +104,8 @@ def analytic_flops(cfg: BertConfig, batch: int, seq: int, *, depth: int, adapter
     return float(fwd + bwd_act + bwd_w + adapter)
 
 
-def build(cfg: BertConfig, method: str, dtype, batch: int, seq: int, frozen_dtype=None,
-          skip_unread_rows: bool = True):
+def make_model(cfg: BertConfig, method: str, dtype, skip_unread_rows: bool = True):
+    """The benchmarked model for `method` (a METHODS key) and its freezing rules."""
     adapter, freeze = METHODS[method]
     spec = None
     if adapter is not None:
@@ -115,13 +115,19 @@ def build(cfg: BertConfig, method: str, dtype, batch: int, seq: int, frozen_dtyp
         spec = spec_from_config(**options)
     model = AdaptedModel(BertModel(cfg, filler=spec, dtype=dtype), ClassificationHead(2, dtype=dtype),
                          skip_unread_rows=skip_unread_rows)
+    return model, peft.make_rules([spec.name] if spec else [], **freeze)
+
+
+def build(cfg: BertConfig, method: str, dtype, batch: int, seq: int, frozen_dtype=None,
+          skip_unread_rows: bool = True):
+    model, freezing = make_model(cfg, method, dtype, skip_unread_rows)
     rng = np.random.default_rng(0)
     inputs = {"input_ids": rng.integers(1, cfg.vocab_size, (batch, seq)).astype(np.int32),  # [B, T]
               "attention_mask": np.ones((batch, seq), np.int32),
               "token_type_ids": np.zeros((batch, seq), np.int32),
               "labels": rng.integers(0, 2, batch).astype(np.int32)}  # [B]
     params = jax.jit(lambda r: model.init(r, inputs)["params"])(jax.random.PRNGKey(0))
-    labels = rules.labels_for(params, peft.make_rules([spec.name] if spec else [], **freeze))
+    labels = rules.labels_for(params, freezing)
     tx, _ = optim.make(params, labels, lr=1e-4, total_steps=1000)
     state = trainer.create_state(params, labels, tx, jax.random.PRNGKey(1), frozen_dtype=frozen_dtype)
     return model, tx, state, inputs, labels, params

@@ -92,9 +92,10 @@ def adapterhub_rows(methods: list[str]) -> list[dict]:
     methods = [m for m in methods if m in ADAPTERHUB]
     if not methods:
         return []
-    model = {"minilm": "minilm-l6"}.get(FLAGS.model)
+    # MiniLM: the real checkpoint; BERT-base: random weights on both sides
+    model = {"minilm": "minilm-l6", "bert-base": "bert-base"}.get(FLAGS.model)
     if model is None:
-        raise ValueError(f"--adapterhub needs --model=minilm (the real checkpoint), not {FLAGS.model!r}")
+        raise ValueError(f"--adapterhub needs --model=minilm or bert-base, not {FLAGS.model!r}")
     cmd = [sys.executable, "-m", "experiments.benchmark_adapterhub", f"--methods={','.join(methods)}",
            f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--steps={FLAGS.steps}",
            f"--threads={os.cpu_count() or 1}", f"--model={model}"]

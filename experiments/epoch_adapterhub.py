@@ -45,7 +45,7 @@ def run(method: str, model_name: str, dataset: str, epochs: int, batch: int, lr:
     t0 = time.perf_counter()
     train, val = encode("train"), encode(registry.default_eval_split(dataset))
     tokenize_s = time.perf_counter() - t0
-    model, _, n_trainable = build(method, path, bottleneck, num_labels=len(source.label_names))
+    model, _, n_trainable = build(method, model_name, bottleneck, num_labels=len(source.label_names))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     total = epochs * (len(train) // batch)

@@ -74,6 +74,23 @@ def test_bench_row_reports_flops_memory_and_time():
     assert row["xla_step_mib"] * 2**20 >= held + act
 
 
+@pytest.mark.parametrize("method", ["full", "houlsby", "pfeiffer"])
+def test_adapterhub_bert_base_trains_what_ours_trains(method):
+    """`--model bert-base --adapterhub`: both sides build BERT-base with random weights; the
+    PyTorch side must train exactly as many parameters as ours, or the times compare other work."""
+    from adapters_jax import peft, rules
+    from experiments.benchmark_adapterhub import build as adapterhub_build
+    model, freezing = B.make_model(B.MODELS["bert-base"], method, jnp.float32)
+    inputs = {"input_ids": jnp.ones((1, 8), jnp.int32), "attention_mask": jnp.ones((1, 8), jnp.int32)}
+    shapes = jax.eval_shape(lambda r: model.init(r, inputs)["params"], jax.random.PRNGKey(0))
+    labels = rules.labels_for(shapes, freezing)
+    ours = sum(int(np.prod(s.shape)) for s, label in zip(jax.tree.leaves(shapes), jax.tree.leaves(labels))
+               if label == peft.TRAINABLE)
+    torch_model, _, theirs = adapterhub_build(method, "bert-base", bottleneck=64)
+    assert torch_model.config.hidden_size == 768 and torch_model.config.num_hidden_layers == 12
+    assert theirs == ours
+
+
 _FAULTS_CHILD = r"""
 import ctypes, resource, threading
 libc = ctypes.CDLL("libc.so.6")
