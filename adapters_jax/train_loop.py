@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adapters_jax import checkpoint, compile_options, metrics, optim, parallel, peft, report, rules, trainer
+from adapters_jax import (checkpoint, compile_options, host_memory, metrics, optim, parallel, peft, report, rules,
+                          trainer)
 from adapters_jax.adapters import AdapterSetup, FusionConfig, spec_from_config
 from adapters_jax.adapters.from_exports import setup_from_exports
 from adapters_jax.adapters.fusion import regularization as fusion_regularization
@@ -187,11 +188,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
             _export(os.path.join(workdir, "adapter_best"), host(state), config, meta, 0, ev0)
     pending, t_log, last_log = [], time.perf_counter(), start
     t_loop = t_log  # train_s in the log: this session's loop time so far (compiles included)
+    compiled_for = set()  # batch shapes whose step is compiled
     try:
         for step in range(start + 1, total + 1):
             batch = next(data.train)
             state, m = step_fn(state, put_batch(batch))
             pending.append(m)  # device arrays: no host sync until the log step
+            shapes = tuple((k, np.shape(v)) for k, v in sorted(batch.items()))
+            if shapes not in compiled_for:  # that call compiled: hand the compiler's freed heap back
+                compiled_for.add(shapes)
+                host_memory.release_free_heap()
             if step % tr.log_every == 0 or step == total or step % tr.ckpt_every == 0:  # never save unchecked
                 vals = get_metrics(pending)
                 pending = []
@@ -206,6 +212,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 log.progress(step, vals["loss"])
             if step % eval_every == 0 or step == total:
                 final = ev = evaluate(eval_fn, state, data.eval_batches, config, data.num_labels, put_batch)
+                host_memory.release_free_heap()  # the eval compiles' and batches' freed heap
                 log.write(step, {f"eval_{k}": v for k, v in ev.items()})
                 log.message(f"step {step}: " + ", ".join(f"eval_{k}={v:.4f}" for k, v in ev.items()))
                 if metrics.better(config.metric, ev[config.metric], best):  # perplexity: lower wins
@@ -224,7 +231,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if config.model.get("export_backbone"):  # e.g. a ViT pretrained here: the base of a later adapter run
         log.message(f"backbone export: {_export_backbone(os.path.join(workdir, 'backbone'), host(state), config, backbone)}")
     log.message(f"adapter export: {os.path.join(workdir, 'adapter')} ({size / 2**20:.2f} MiB); "
-                f"best {best_key}={best:.4f}; train time {time.perf_counter() - t_start:.0f}s")
+                f"best {best_key}={best:.4f}; train time {time.perf_counter() - t_start:.0f}s; "
+                f"peak host RSS {host_memory.peak_rss_mib():.0f} MiB")
     log.message(f"final {data.eval_split} " + ", ".join(f"{k}={v:.4f}" for k, v in final.items()))
     log.close()
     return {**final, "best": best, "trainable": rep["trainable"], "trainable_pct": rep["trainable_pct"]}

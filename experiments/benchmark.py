@@ -229,6 +229,7 @@ def main(argv):
     if FLAGS.child or not FLAGS.isolate:  # before any JAX op starts the backend
         from adapters_jax import parallel
         parallel.set_cpu_devices(FLAGS.cpu_devices)
+        host_malloc.configure_jax()  # as experiments.train does in a tuned process
     cfg = MODELS[FLAGS.model]
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     dtype = dtypes[FLAGS.dtype]

@@ -34,7 +34,9 @@ def main(argv):
         if not host_malloc.active():  # glibc reads its settings once, at start: start again
             os.execve(sys.executable, [sys.executable, "-m", "experiments.train", *sys.argv[1:]],
                       host_malloc.child_env("tuned"))
-        print("host malloc: tuned (" + " ".join(f"{k}={os.environ.get(k)}" for k in host_malloc.TUNED) + ")")
+        print("host malloc: tuned (" + " ".join(f"{k}={os.environ.get(k)}" for k in host_malloc.TUNED) + "), "
+              "synchronous CPU dispatch")
+        host_malloc.configure_jax()
     from absl import logging
     logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
     logging.get_absl_handler().addFilter(_one_line_library_errors)
