@@ -87,22 +87,24 @@ def bench_isolated(method: str, peak: float) -> dict:
 
 
 def adapterhub_rows(methods: list[str]) -> list[dict]:
-    """PyTorch AdapterHub on the same model, shapes and thread count (experiments.benchmark_adapterhub)."""
+    """PyTorch AdapterHub on the same model, shapes and thread count (experiments.benchmark_adapterhub),
+    each method in its own process, as ours, so that its peak RSS is its own."""
     from experiments.benchmark_adapterhub import ADAPTERHUB
-    methods = [m for m in methods if m in ADAPTERHUB]
-    if not methods:
-        return []
     # MiniLM: the real checkpoint; BERT-base: random weights on both sides
     model = {"minilm": "minilm-l6", "bert-base": "bert-base"}.get(FLAGS.model)
     if model is None:
         raise ValueError(f"--adapterhub needs --model=minilm or bert-base, not {FLAGS.model!r}")
-    cmd = [sys.executable, "-m", "experiments.benchmark_adapterhub", f"--methods={','.join(methods)}",
-           f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--steps={FLAGS.steps}",
-           f"--threads={os.cpu_count() or 1}", f"--model={model}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=host_malloc.child_env(FLAGS.malloc))
-    if out.returncode:
-        raise RuntimeError(f"AdapterHub benchmark failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    rows = []
+    for method in (m for m in methods if m in ADAPTERHUB):
+        cmd = [sys.executable, "-m", "experiments.benchmark_adapterhub", f"--methods={method}",
+               f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--steps={FLAGS.steps}",
+               f"--threads={os.cpu_count() or 1}", f"--model={model}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=host_malloc.child_env(FLAGS.malloc))
+        if out.returncode:
+            raise RuntimeError(f"AdapterHub benchmark of {method} failed: "
+                               f"{(out.stderr.strip().splitlines() or ['?'])[-1]}")
+        rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return rows
 
 
 def merge_rounds(rounds: list[dict], peak: float, batch: int) -> dict:

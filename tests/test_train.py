@@ -2,6 +2,7 @@
 tests/test_bad_inputs.py; kill -9 and resume: tests/test_kill_trials.py)."""
 import glob
 import importlib
+import re
 import os
 
 import numpy as np
@@ -59,8 +60,10 @@ def test_host_malloc_tuned_restarts_training_with_the_glibc_settings(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     started = [line for line in out.stdout.splitlines() if line.startswith("host malloc: tuned")]
-    assert started == ["host malloc: tuned (" + " ".join(f"{k}={v}" for k, v in host_malloc.TUNED.items()) + ")"]
+    assert started == ["host malloc: tuned (" + " ".join(f"{k}={v}" for k, v in host_malloc.TUNED.items())
+                       + "), synchronous CPU dispatch"]
     assert os.path.exists(tmp_path / "adapter" / "adapter.safetensors")
+    assert re.search(r"peak host RSS \d+ MiB", out.stdout + out.stderr)
     assert "train batches: PackedBatches(" in out.stdout + out.stderr
 
 
