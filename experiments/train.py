@@ -18,7 +18,8 @@ flags.DEFINE_string("compile_cache", os.path.join(os.path.expanduser("~"), ".cac
                     "recompiling the same steps ('' turns it off; $JAX_COMPILATION_CACHE_DIR wins if set)")
 flags.DEFINE_enum("host_malloc", "default", host_malloc.MODES,
                   "'tuned' restarts this process with glibc settings that keep XLA:CPU's step temporaries "
-                  "resident (faster CPU steps, higher peak RSS; experiments/host_malloc.py)")
+                  "resident, and dispatches synchronously on the CPU (faster CPU steps at about the "
+                  "default's peak RSS; experiments/host_malloc.py)")
 FLAGS = flags.FLAGS
 
 
