@@ -79,11 +79,16 @@ def bench_isolated(method: str, peak: float) -> dict:
            f"--dtype={FLAGS.dtype}", f"--frozen_dtype={FLAGS.frozen_dtype}", f"--peak_gflops={peak / 1e9}",
            f"--attention_backward={FLAGS.attention_backward}", f"--skip_unread_rows={FLAGS.skip_unread_rows}",
            f"--flops_only={FLAGS.flops_only}", f"--cpu_devices={FLAGS.cpu_devices}", f"--streams={FLAGS.streams}"]
+    return _child_rows(cmd, f"benchmark of {method}")[-1]
+
+
+def _child_rows(cmd: list[str], what: str) -> list[dict]:
+    """Runs a timed child process (with --malloc's settings) and returns the JSON rows it printed."""
     out = subprocess.run(cmd, capture_output=True, text=True, env=host_malloc.child_env(FLAGS.malloc))
-    rows = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode or not rows:
-        raise RuntimeError(f"benchmark of {method} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(rows[-1])
+        raise RuntimeError(f"{what} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return rows
 
 
 def adapterhub_rows(methods: list[str]) -> list[dict]:
@@ -99,11 +104,7 @@ def adapterhub_rows(methods: list[str]) -> list[dict]:
         cmd = [sys.executable, "-m", "experiments.benchmark_adapterhub", f"--methods={method}",
                f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--steps={FLAGS.steps}",
                f"--threads={os.cpu_count() or 1}", f"--model={model}"]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=host_malloc.child_env(FLAGS.malloc))
-        if out.returncode:
-            raise RuntimeError(f"AdapterHub benchmark of {method} failed: "
-                               f"{(out.stderr.strip().splitlines() or ['?'])[-1]}")
-        rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        rows += _child_rows(cmd, f"AdapterHub benchmark of {method}")
     return rows
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import time
+
+from adapters_jax import host_memory
 
 # method -> AdapterHub config name (None: no adapter)
 ADAPTERHUB = {"full": None, "head_only": None, "houlsby": "double_seq_bn", "pfeiffer": "seq_bn",
@@ -83,7 +84,7 @@ def time_train_step(method: str, model_name: str, batch: int, seq: int, steps: i
     return {"method": method, "framework": "adapterhub", "step_s": med, "step_times": times,
             "examples_per_s": batch / med,
             "trainable": n_trainable, "threads": torch.get_num_threads(),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": host_memory.peak_rss_mib()}
 
 
 def main():
