@@ -74,9 +74,28 @@ def forward_compiler_options(dtype: Any) -> dict:
     return {"xla_cpu_experimental_ynn_fusion_type": DOT_FUSION_TYPES, **onednn_dot_options(dtype)}
 
 
-def train_compiler_options(dtype: Any) -> dict:
-    """Options for a train step computing in `dtype` ({} off CPU and for bf16)."""
-    return onednn_dot_options(dtype)
+# train.cpu_scheduler -> XLA:CPU's instruction scheduler for train steps
+SCHEDULERS = {"default": None, "memory": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def check_scheduler(name: str, field: str = "train.cpu_scheduler") -> str:
+    if name not in SCHEDULERS:
+        raise ValueError(f"{field}={name!r} is not one of {list(SCHEDULERS)}")
+    return name
+
+
+def train_compiler_options(dtype: Any, scheduler: str = "default") -> dict:
+    """Options for a train step computing in `dtype` ({} off CPU and for bf16 with the default
+    scheduler). scheduler 'memory': XLA:CPU orders the step's ops to hold fewer activations at
+    once (same ops, same numbers). With train.streams > 1 it runs one stream's forward and
+    backward before the next instead of side by side; measured at 32 x 128 (2 streams, float32):
+    MiniLM Houlsby XLA step memory 597 -> 401 MiB for +10% step time, full 1063 -> 889 MiB for
+    +6%; BERT-base Houlsby 2437 -> 1661 MiB, full 4196 -> 3957 MiB (README, Performance)."""
+    options = onednn_dot_options(dtype)
+    kind = SCHEDULERS[check_scheduler(scheduler)]
+    if kind and jax.default_backend() == "cpu":
+        options = {**options, "xla_cpu_scheduler_type": kind}
+    return options
 
 
 def forward_jit(fn: Callable, *, dtype: Any, **jit_kwargs) -> Callable:
@@ -84,6 +103,6 @@ def forward_jit(fn: Callable, *, dtype: Any, **jit_kwargs) -> Callable:
     return jax.jit(fn, compiler_options=forward_compiler_options(dtype) or None, **jit_kwargs)
 
 
-def train_jit(fn: Callable, *, dtype: Any, **jit_kwargs) -> Callable:
-    """`jax.jit` with `train_compiler_options(dtype)`: for train steps."""
-    return jax.jit(fn, compiler_options=train_compiler_options(dtype) or None, **jit_kwargs)
+def train_jit(fn: Callable, *, dtype: Any, scheduler: str = "default", **jit_kwargs) -> Callable:
+    """`jax.jit` with `train_compiler_options(dtype, scheduler)`: for train steps."""
+    return jax.jit(fn, compiler_options=train_compiler_options(dtype, scheduler) or None, **jit_kwargs)

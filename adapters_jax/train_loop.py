@@ -106,6 +106,10 @@ def check_config(config) -> None:
             raise ValueError(f"train.{field}={getattr(config.train, field)} must be > 0")
     if config.train.get("streams", 1) <= 0:
         raise ValueError(f"train.streams={config.train.streams} must be > 0")
+    scheduler = compile_options.check_scheduler(config.train.get("cpu_scheduler", "default"))
+    if scheduler != "default" and config.parallelism == "pmap":
+        raise ValueError(f"train.cpu_scheduler={scheduler!r} needs parallelism='jit' (jax.pmap takes no "
+                         "per-program compiler options)")
     if config.train.batch_size % config.train.accum_steps:
         raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by "
                          f"train.accum_steps={config.train.accum_steps}")
@@ -359,7 +363,8 @@ def make_steps(config, model, tx, state, train_rows: int = 0):
     sh = parallel.state_shardings(state, mesh, config.mesh.shard_frozen)
     dtype = DTYPES[config.model.dtype]
     step = parallel.jit_step(trainer.make_train_step(model, tx, **kw), sh, mesh,
-                             compiler_options=compile_options.train_compiler_options(dtype))
+                             compiler_options=compile_options.train_compiler_options(
+                                 dtype, tr.get("cpu_scheduler", "default")))
     ev = compile_options.forward_jit(eval_step, dtype=dtype)
     return (step, lambda s, b: ev(s.trainable, s.frozen, b), lambda s: parallel.put_state(s, sh),
             lambda b: parallel.put_batch(b, mesh), _mean)

@@ -40,9 +40,13 @@ def base_config() -> ml_collections.ConfigDict:
     # streams: each step's batch split into this many parts computed side by side in one program
     # (trainer.make_train_step): the same loss and gradient (other dropout masks), about the same
     # memory, a compile twice as long; on XLA:CPU the parts' ops overlap on the cores (README,
-    # Parallelism). accum_steps: micro-batches run one after another (less memory)
+    # Parallelism). accum_steps: micro-batches run one after another (less memory).
+    # cpu_scheduler (XLA:CPU, parallelism 'jit'): 'default', or 'memory' to order the step's ops to
+    # hold fewer activations at once (same numbers; with streams > 1 about a third less step memory
+    # for an adapter, for 6-10% more step time; README, Performance)
     c.train = ml_collections.ConfigDict(dict(
         batch_size=32, eval_batch_size=64, num_epochs=3, num_steps=-1, accum_steps=1, streams=1,
+        cpu_scheduler="default",
         log_every=20, eval_every=-1, ckpt_every=200, max_to_keep=2,  # eval_every -1: once per epoch
         skip_nonfinite=False))
     c.optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_ratio=0.06, schedule="linear",

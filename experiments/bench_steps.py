@@ -134,22 +134,24 @@ def build(cfg: BertConfig, method: str, dtype, batch: int, seq: int, frozen_dtyp
 
 def bench(cfg: BertConfig, method: str, dtype, peak: float, batch: int, seq: int, steps: int,
           flops_only: bool = False, frozen_dtype=None, skip_unread_rows: bool = True, devices: int = 1,
-          streams: int = 1) -> dict:
+          streams: int = 1, accum_steps: int = 1, scheduler: str = "default") -> dict:
     """One method's row: compile time, XLA and analytic FLOPs, memory, and (unless flops_only)
     the median step time over `steps` after two warm-up steps. With `devices` > 1 the batch is
     split over that many devices as training's jit step splits it (`parallel.set_cpu_devices`);
     XLA's FLOPs and step memory are then the sum over the devices. `streams`: as train.streams
-    (the batch's parts computed side by side in one program)."""
+    (the batch's parts computed side by side in one program); `accum_steps`: as train.accum_steps
+    (micro-batches one after another); `scheduler`: as train.cpu_scheduler."""
     model, tx, state, inputs, labels, params = build(cfg, method, dtype, batch, seq, frozen_dtype,
                                                      skip_unread_rows)
     if devices > 1:
         mesh = parallel.make_mesh(count=devices)
         shardings = parallel.state_shardings(state, mesh)
-        step = parallel.jit_step(trainer.make_train_step(model, tx, streams=streams), shardings, mesh,
-                                 compiler_options=train_compiler_options(dtype))
+        step = parallel.jit_step(trainer.make_train_step(model, tx, streams=streams, accum_steps=accum_steps),
+                                 shardings, mesh, compiler_options=train_compiler_options(dtype, scheduler))
         state, inputs = parallel.put_state(state, shardings), parallel.put_batch(inputs, mesh)
     else:
-        step = train_jit(trainer.make_train_step(model, tx, streams=streams), dtype=dtype, donate_argnums=(0,))
+        step = train_jit(trainer.make_train_step(model, tx, streams=streams, accum_steps=accum_steps), dtype=dtype,
+                         scheduler=scheduler, donate_argnums=(0,))
     t = time.perf_counter()
     compiled = step.lower(state, inputs).compile()
     compile_s = time.perf_counter() - t
@@ -170,8 +172,10 @@ def bench(cfg: BertConfig, method: str, dtype, peak: float, batch: int, seq: int
                               adapter_params=n_adapter, extra_tokens=extra, train_base=method == "full",
                               first_token_only=first_only, row_adapter_params=n_row_adapter)
     mem = compiled.memory_analysis()
+    # XLA's cost analysis counts a loop body once: the micro-batch scan runs it accum_steps times
     row = {"method": method, "framework": "adapters_jax", "compile_s": compile_s, "devices": devices, "streams": streams,
-           "xla_gflop": devices * cost.get("flops", 0.0) / 1e9, "analytic_gflop": analytic / 1e9,
+           "accum_steps": accum_steps, "scheduler": scheduler,
+           "xla_gflop": devices * accum_steps * cost.get("flops", 0.0) / 1e9, "analytic_gflop": analytic / 1e9,
            "trainable": n_tr, "xla_step_mib": devices * step_memory_bytes(mem) / 2**20 if mem is not None else None}
     if flops_only:
         return row

@@ -34,7 +34,7 @@ from absl import app, flags
 from adapters_jax.adapters import spec_from_config
 from adapters_jax.backbones import attention
 from adapters_jax.backbones.bert import BertConfig, BertModel
-from adapters_jax.compile_options import describe, forward_jit
+from adapters_jax.compile_options import SCHEDULERS, describe, forward_jit
 from experiments import host_malloc
 from experiments.bench_steps import METHODS, MODELS, bench, matmul_peak
 
@@ -66,6 +66,10 @@ flags.DEFINE_integer("cpu_devices", 1, "split the CPU into this many XLA devices
                      "parallel over them, as train's mesh.cpu_devices (AdapterHub keeps its threads)")
 flags.DEFINE_integer("streams", 1, "split our batch into this many parts computed side by side in one program, "
                      "as train's train.streams (trainer.make_train_step)")
+flags.DEFINE_integer("accum_steps", 1, "run our batch as this many micro-batches one after another, as train's "
+                     "train.accum_steps (less memory)")
+flags.DEFINE_enum("cpu_scheduler", "default", list(SCHEDULERS), "XLA:CPU's instruction scheduler for our train "
+                  "step, as train's train.cpu_scheduler ('memory': fewer activations held at once)")
 flags.DEFINE_integer("rounds", 1, "time every method (ours and AdapterHub's) this many times, in alternating "
                      "order (A B, B A, ...), each in a fresh process: a shared VM's speed drifts within "
                      "minutes, and one method timed after another would read the drift as a ratio")
@@ -78,8 +82,14 @@ def bench_isolated(method: str, peak: float) -> dict:
            f"--model={FLAGS.model}", f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--steps={FLAGS.steps}",
            f"--dtype={FLAGS.dtype}", f"--frozen_dtype={FLAGS.frozen_dtype}", f"--peak_gflops={peak / 1e9}",
            f"--attention_backward={FLAGS.attention_backward}", f"--skip_unread_rows={FLAGS.skip_unread_rows}",
-           f"--flops_only={FLAGS.flops_only}", f"--cpu_devices={FLAGS.cpu_devices}", f"--streams={FLAGS.streams}"]
+           f"--flops_only={FLAGS.flops_only}", f"--cpu_devices={FLAGS.cpu_devices}", f"--streams={FLAGS.streams}",
+           f"--accum_steps={FLAGS.accum_steps}", f"--cpu_scheduler={FLAGS.cpu_scheduler}"]
     return _child_rows(cmd, f"benchmark of {method}")[-1]
+
+
+def _step_options() -> dict:
+    """How our train step is built: the flags that match train's train.streams, accum_steps, cpu_scheduler."""
+    return dict(streams=FLAGS.streams, accum_steps=FLAGS.accum_steps, scheduler=FLAGS.cpu_scheduler)
 
 
 def _child_rows(cmd: list[str], what: str) -> list[dict]:
@@ -227,8 +237,11 @@ def main(argv):
         raise app.UsageError(f"--cpu_devices={FLAGS.cpu_devices} must be >= 1")
     if FLAGS.rounds < 1:
         raise app.UsageError(f"--rounds={FLAGS.rounds} must be >= 1")
-    if FLAGS.streams < 1:
-        raise app.UsageError(f"--streams={FLAGS.streams} must be >= 1")
+    for name in ("streams", "accum_steps"):
+        if FLAGS[name].value < 1:
+            raise app.UsageError(f"--{name}={FLAGS[name].value} must be >= 1")
+    if FLAGS.batch % FLAGS.accum_steps:
+        raise app.UsageError(f"--batch={FLAGS.batch} is not divisible by --accum_steps={FLAGS.accum_steps}")
     if FLAGS.child or not FLAGS.isolate:  # before any JAX op starts the backend
         from adapters_jax import parallel
         parallel.set_cpu_devices(FLAGS.cpu_devices)
@@ -248,7 +261,7 @@ def main(argv):
         print(json.dumps(bench(cfg, methods[0], dtype, FLAGS.peak_gflops * 1e9, FLAGS.batch, FLAGS.seq,
                                FLAGS.steps, FLAGS.flops_only, frozen_dtype=frozen,
                                skip_unread_rows=FLAGS.skip_unread_rows, devices=FLAGS.cpu_devices,
-                               streams=FLAGS.streams)), flush=True)
+                               **_step_options())), flush=True)
         return
     if FLAGS.mixed_tasks:
         r = mixed_vs_single(cfg, FLAGS.mixed_tasks)
@@ -266,6 +279,8 @@ def main(argv):
              f"{'last layer: CLS row only' if FLAGS.skip_unread_rows else 'last layer: every row'}, {describe(dtype)}"
              + (f", our train step data parallel over {FLAGS.cpu_devices} CPU devices" if FLAGS.cpu_devices > 1 else "")
              + (f", our batch in {FLAGS.streams} streams" if FLAGS.streams > 1 else "")
+             + (f", {FLAGS.accum_steps} micro-batches one after another" if FLAGS.accum_steps > 1 else "")
+             + (f", XLA:CPU scheduler {FLAGS.cpu_scheduler}" if FLAGS.cpu_scheduler != "default" else "")
              + (f", {FLAGS.rounds} rounds in alternating order" if FLAGS.rounds > 1 else ""))
     print(title, flush=True)
     by_method, torch_by = {m: [] for m in methods}, {}
@@ -277,7 +292,7 @@ def main(argv):
                                      bench(cfg, method, dtype, peak, FLAGS.batch, FLAGS.seq, FLAGS.steps,
                                            FLAGS.flops_only, frozen_dtype=frozen,
                                            skip_unread_rows=FLAGS.skip_unread_rows, devices=FLAGS.cpu_devices,
-                                           streams=FLAGS.streams))
+                                           **_step_options()))
             row = by_method[method][-1]
             print(f"[round {r + 1}/{FLAGS.rounds}, {i + 1}/{len(order)}] {method}: {time.perf_counter() - t:.0f}s "
                   + (f"step {row['step_s']:.3f}s" if "step_s" in row else ""), flush=True)
@@ -304,7 +319,8 @@ def main(argv):
               "cpu_threads": os.cpu_count(), "matmul_peak_gflops": peak / 1e9,
               "matmul_peak_readings_gflops": readings, "malloc": FLAGS.malloc,
               "frozen_dtype": jnp.dtype(frozen).name, "attention_backward": FLAGS.attention_backward,
-              "skip_unread_rows": FLAGS.skip_unread_rows, "cpu_devices": FLAGS.cpu_devices, "streams": FLAGS.streams, "rounds": FLAGS.rounds, "dots": describe(dtype), "rows": rows, "adapterhub": torch_rows}
+              "skip_unread_rows": FLAGS.skip_unread_rows, "cpu_devices": FLAGS.cpu_devices, "streams": FLAGS.streams,
+              "accum_steps": FLAGS.accum_steps, "cpu_scheduler": FLAGS.cpu_scheduler, "rounds": FLAGS.rounds, "dots": describe(dtype), "rows": rows, "adapterhub": torch_rows}
     if FLAGS.inference:
         from experiments import bench_inference
         inf = bench_inference.latency_table(cfg, seq=FLAGS.seq, reps=FLAGS.steps, dtype=dtype)

@@ -42,6 +42,9 @@ CASES = [
     (H, ["--config.train.batch_size=0"], "train.batch_size=0 must be > 0"),
     (H, ["--config.train.accum_steps=3"], "train.batch_size=8 is not divisible by train.accum_steps=3"),
     (H, ["--config.train.streams=0"], "train.streams=0 must be > 0"),
+    (H, ["--config.train.cpu_scheduler=fast"], "train.cpu_scheduler='fast' is not one of ['default', 'memory']"),
+    (H, ["--config.parallelism=pmap", "--config.train.cpu_scheduler=memory"],
+     "train.cpu_scheduler='memory' needs parallelism='jit'"),
     # global batch not divisible by the device count (8 forced host devices)
     (H, ["--config.train.batch_size=12", "--config.data.pack=false"],
      "train.batch_size=12 is not divisible by the device count 8"),

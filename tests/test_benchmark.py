@@ -74,6 +74,18 @@ def test_bench_row_reports_flops_memory_and_time():
     assert row["xla_step_mib"] * 2**20 >= held + act
 
 
+def test_micro_batches_count_every_micro_batch_and_hold_less():
+    """--accum_steps: XLA's cost analysis counts the micro-batch scan's body once, so the row
+    scales it back (the same FLOPs as one batch, within the accumulation's adds), while the step
+    holds about one micro-batch's activations."""
+    one = B.bench(CFG, "houlsby", jnp.float32, peak=1e9, batch=32, seq=SEQ, steps=0, flops_only=True)
+    two = B.bench(CFG, "houlsby", jnp.float32, peak=1e9, batch=32, seq=SEQ, steps=0, flops_only=True,
+                  accum_steps=2)
+    assert two["accum_steps"] == 2 and two["analytic_gflop"] == one["analytic_gflop"]
+    assert two["xla_gflop"] == pytest.approx(one["xla_gflop"], rel=0.02)
+    assert two["xla_step_mib"] < 0.8 * one["xla_step_mib"]
+
+
 @pytest.mark.parametrize("method", ["full", "houlsby", "pfeiffer"])
 def test_adapterhub_bert_base_trains_what_ours_trains(method):
     """`--model bert-base --adapterhub`: both sides build BERT-base with random weights; the

@@ -137,3 +137,23 @@ def test_onednn_bad_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv(ONEDNN_ENV, "yes")
     with pytest.raises(ValueError, match=f"^{ONEDNN_ENV}='yes' must be"):
         onednn_enabled()
+
+
+@ON_CPU
+def test_memory_scheduler_holds_fewer_activations_for_the_same_step(monkeypatch):
+    """train.cpu_scheduler='memory' reaches XLA:CPU: a 2-stream Houlsby train step holds less
+    temporary memory (one stream's activations at a time instead of both) and computes the same
+    new state and metrics as the default schedule."""
+    from adapters_jax import trainer
+    from experiments.bench_steps import MODELS, build
+    monkeypatch.setenv(ONEDNN_ENV, "0")  # XLA's default dots, as training runs by default
+    model, tx, state, inputs, _, _ = build(MODELS["tiny"], "houlsby", jnp.float32, 32, 64)
+    step = trainer.make_train_step(model, tx, streams=2)
+    temp, result = {}, {}
+    for scheduler in ("default", "memory"):
+        compiled = train_jit(step, dtype=jnp.float32, scheduler=scheduler).lower(state, inputs).compile()
+        temp[scheduler] = compiled.memory_analysis().temp_size_in_bytes
+        result[scheduler] = jax.device_get(compiled(state, inputs))
+    assert temp["memory"] < 0.8 * temp["default"], temp
+    for a, b in zip(jax.tree_util.tree_leaves(result["default"]), jax.tree_util.tree_leaves(result["memory"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

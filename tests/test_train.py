@@ -48,7 +48,7 @@ def test_init_from_starts_from_another_runs_adapters(tmp_path):
 def test_host_malloc_tuned_restarts_training_with_the_glibc_settings(tmp_path):
     """`--host_malloc tuned` re-executes the entry point with experiments/host_malloc.TUNED in its
     environment (glibc reads them at start) and then trains as usual; here with train.streams=3
-    (each step's packed rows in three streams)."""
+    (each step's packed rows in three streams) and XLA:CPU's memory-optimized scheduler."""
     import subprocess
     import sys
 
@@ -56,7 +56,7 @@ def test_host_malloc_tuned_restarts_training_with_the_glibc_settings(tmp_path):
     env = host_malloc.child_env("default", dict(os.environ, JAX_PLATFORMS="cpu"))
     out = subprocess.run([sys.executable, "-m", "experiments.train", "--config=configs/houlsby_r64.py:smoke",
                           f"--workdir={tmp_path}", "--config.train.num_steps=2", "--host_malloc=tuned",
-                          "--config.train.streams=3"],
+                          "--config.train.streams=3", "--config.train.cpu_scheduler=memory"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     started = [line for line in out.stdout.splitlines() if line.startswith("host malloc: tuned")]
