@@ -90,7 +90,8 @@ def train_compiler_options(dtype: Any, scheduler: str = "default") -> dict:
     once (same ops, same numbers). With train.streams > 1 it runs one stream's forward and
     backward before the next instead of side by side; measured at 32 x 128 (2 streams, float32):
     MiniLM Houlsby XLA step memory 597 -> 401 MiB for +10% step time, full 1063 -> 889 MiB for
-    +6%; BERT-base Houlsby 2437 -> 1661 MiB, full 4196 -> 3957 MiB (README, Performance)."""
+    +6%; BERT-base Houlsby 2437 -> 1661 MiB, full 4196 -> 3957 MiB, for no measured step time
+    (README, Performance)."""
     options = onednn_dot_options(dtype)
     kind = SCHEDULERS[check_scheduler(scheduler)]
     if kind and jax.default_backend() == "cpu":

@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Parallelism). accum_steps: micro-batches run one after another (less memory).
     # cpu_scheduler (XLA:CPU, parallelism 'jit'): 'default', or 'memory' to order the step's ops to
     # hold fewer activations at once (same numbers; with streams > 1 about a third less step memory
-    # for an adapter, for 6-10% more step time; README, Performance)
+    # for an adapter; 0-10% more step time, measured at MiniLM and BERT-base size; README, Performance)
     c.train = ml_collections.ConfigDict(dict(
         batch_size=32, eval_batch_size=64, num_epochs=3, num_steps=-1, accum_steps=1, streams=1,
         cpu_scheduler="default",
