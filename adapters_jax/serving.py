@@ -53,9 +53,12 @@ class AdapterServer:
     """One base in memory; adapters loaded from export directories and swapped per request."""
 
     def __init__(self, model: str = "minilm-l6", max_length: int = 128):
-        self.backbone = load_backbone(model)
-        self.base_sha = checkpoint.base_fingerprint(self.backbone.path)
-        self.base = jax.device_put(self.backbone.params)
+        backbone = load_backbone(model)
+        self.base_sha = checkpoint.base_fingerprint(backbone.path)
+        self.base = jax.device_put(backbone.params)
+        # the device copy is what runs: keep no second, host copy of the base (MiniLM: the
+        # process held 415 MiB after start with it, 345 without)
+        self.backbone = dataclasses.replace(backbone, params=None)
         self.max_length = max_length
         self.adapters: dict[str, LoadedAdapter] = {}
         self._programs: dict = {}

@@ -6,6 +6,7 @@ base. The loop never waits on the device between log steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -179,6 +180,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     step_fn, eval_fn, put_state, put_batch, get_metrics = make_steps(config, model, tx, state, data.train_rows)
     state = put_state(state)
+    # The device state holds the base now. The host copies (the loaded checkpoint's arrays and the
+    # initial params) held it twice more through training: MiniLM's peak RSS 1148 / 1170 MiB with
+    # them, 997 / 1018 MiB without (40 steps, tuned allocator, two runs each)
+    del params
+    backbone = dataclasses.replace(backbone, params=None)
+    host_memory.release_free_heap()
     # what checkpoints and exports read: pmap holds one replica of the state per device
     host = parallel.unreplicate if config.parallelism == "pmap" else (lambda s: s)
     best_key = f"eval_{config.metric}"

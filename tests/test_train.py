@@ -5,6 +5,7 @@ import importlib
 import re
 import os
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -86,3 +87,31 @@ def test_attention_backward_recompute_trains_to_the_same_adapters(tmp_path):
     assert results["keep"].keys() == results["recompute"].keys()
     for k in results["keep"]:
         np.testing.assert_allclose(results["recompute"][k], results["keep"][k], atol=1e-5, err_msg=k)
+
+
+def test_training_keeps_no_host_copy_of_the_base(tmp_path, monkeypatch):
+    """Once the train state is on the device, the loop holds the base only there: while it
+    evaluates, no loaded backbone still holds its host arrays, and one array (the state's) holds
+    the word embeddings. `evaluate` is wrapped, not replaced, to look."""
+    import gc
+
+    from adapters_jax import train_loop
+    from adapters_jax.backbones import hf_io
+    from adapters_jax.hub import Backbone, resolve
+    config = importlib.import_module("configs.houlsby_r64").get_config("smoke")
+    config.train.num_steps = 2
+    seen = []
+    evaluate = train_loop.evaluate
+
+    def looking(*args, **kwargs):
+        live = gc.get_objects()
+        with_params = [o for o in live if isinstance(o, Backbone) and o.params is not None]
+        embeddings = [o for o in live if isinstance(o, jax.Array) and o.shape == (vocab, width)]
+        seen.append((len(with_params), len(embeddings)))
+        return evaluate(*args, **kwargs)
+
+    hf = hf_io.read_config(resolve(config.model.name))
+    vocab, width = hf["vocab_size"], hf["hidden_size"]
+    monkeypatch.setattr(train_loop, "evaluate", looking)
+    train_loop.train_and_evaluate(config, str(tmp_path))
+    assert seen and seen == [(0, 1)] * len(seen), seen
