@@ -100,18 +100,26 @@ def test_training_keeps_no_host_copy_of_the_base(tmp_path, monkeypatch):
     from adapters_jax.hub import Backbone, resolve
     config = importlib.import_module("configs.houlsby_r64").get_config("smoke")
     config.train.num_steps = 2
+    hf = hf_io.read_config(resolve(config.model.name))
+    vocab, width = hf["vocab_size"], hf["hidden_size"]
+
+    def held():
+        """(backbones holding params, word-embedding-shaped arrays) alive now."""
+        gc.collect()
+        live = gc.get_objects()
+        return ([o for o in live if isinstance(o, Backbone) and o.params is not None],
+                [o for o in live if isinstance(o, jax.Array) and o.shape == (vocab, width)])
+
+    before = held()  # other tests' objects in this process (kept alive here, so their ids stay theirs)
     seen = []
     evaluate = train_loop.evaluate
 
     def looking(*args, **kwargs):
-        live = gc.get_objects()
-        with_params = [o for o in live if isinstance(o, Backbone) and o.params is not None]
-        embeddings = [o for o in live if isinstance(o, jax.Array) and o.shape == (vocab, width)]
-        seen.append((len(with_params), len(embeddings)))
+        backbones, arrays = held()
+        seen.append((sum(not any(b is o for o in before[0]) for b in backbones),
+                     sum(not any(a is o for o in before[1]) for a in arrays)))
         return evaluate(*args, **kwargs)
 
-    hf = hf_io.read_config(resolve(config.model.name))
-    vocab, width = hf["vocab_size"], hf["hidden_size"]
     monkeypatch.setattr(train_loop, "evaluate", looking)
     train_loop.train_and_evaluate(config, str(tmp_path))
     assert seen and seen == [(0, 1)] * len(seen), seen
