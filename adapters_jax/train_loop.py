@@ -185,6 +185,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # them, 997 / 1018 MiB without (40 steps, tuned allocator, two runs each)
     del params
     backbone = dataclasses.replace(backbone, params=None)
+    # Building the state filled JAX's tracing and op-by-op caches (init's jaxprs, eager ops: about
+    # 50 MiB at MiniLM size) that nothing reads again; no step is compiled yet, so clearing costs
+    # nothing. 40-step MiniLM run, tuned allocator: peak RSS 982 / 990 -> 968 / 970 MiB
+    jax.clear_caches()
     host_memory.release_free_heap()
     # what checkpoints and exports read: pmap holds one replica of the state per device
     host = parallel.unreplicate if config.parallelism == "pmap" else (lambda s: s)

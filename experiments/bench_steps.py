@@ -143,6 +143,7 @@ def bench(cfg: BertConfig, method: str, dtype, peak: float, batch: int, seq: int
     (micro-batches one after another); `scheduler`: as train.cpu_scheduler."""
     model, tx, state, inputs, labels, params = build(cfg, method, dtype, batch, seq, frozen_dtype,
                                                      skip_unread_rows)
+    jax.clear_caches()  # as the training loop does once its state is built (init's tracing caches)
     if devices > 1:
         mesh = parallel.make_mesh(count=devices)
         shardings = parallel.state_shardings(state, mesh)

@@ -92,7 +92,9 @@ def test_attention_backward_recompute_trains_to_the_same_adapters(tmp_path):
 def test_training_keeps_no_host_copy_of_the_base(tmp_path, monkeypatch):
     """Once the train state is on the device, the loop holds the base only there: while it
     evaluates, no loaded backbone still holds its host arrays, and one array (the state's) holds
-    the word embeddings. `evaluate` is wrapped, not replaced, to look."""
+    the word embeddings. Nor does it keep what building the state compiled: a function compiled
+    before the run is no longer cached (the loop clears JAX's caches before its first compile).
+    `evaluate` is wrapped, not replaced, to look."""
     import gc
 
     from adapters_jax import train_loop
@@ -111,15 +113,18 @@ def test_training_keeps_no_host_copy_of_the_base(tmp_path, monkeypatch):
                 [o for o in live if isinstance(o, jax.Array) and o.shape == (vocab, width)])
 
     before = held()  # other tests' objects in this process (kept alive here, so their ids stay theirs)
+    probe = jax.jit(lambda x: x + 1)
+    probe(np.float32(1))
+    assert probe._cache_size() == 1
     seen = []
     evaluate = train_loop.evaluate
 
     def looking(*args, **kwargs):
         backbones, arrays = held()
         seen.append((sum(not any(b is o for o in before[0]) for b in backbones),
-                     sum(not any(a is o for o in before[1]) for a in arrays)))
+                     sum(not any(a is o for o in before[1]) for a in arrays), probe._cache_size()))
         return evaluate(*args, **kwargs)
 
     monkeypatch.setattr(train_loop, "evaluate", looking)
     train_loop.train_and_evaluate(config, str(tmp_path))
-    assert seen and seen == [(0, 1)] * len(seen), seen
+    assert seen and seen == [(0, 1, 0)] * len(seen), seen
