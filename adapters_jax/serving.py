@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from adapters_jax import checkpoint
+from adapters_jax import checkpoint, host_memory
 from adapters_jax.adapters import AdapterSetup
 from adapters_jax.backbones import sites
 from adapters_jax.compile_options import forward_jit
@@ -126,7 +126,17 @@ class AdapterServer:
         a = self.adapters[adapter]
         model = self._model(a.spec, a.head)
         params = {"backbone": _merge(self.base, a.params["backbone"]), "head": a.params["head"]}
-        return np.asarray(self._program((a.spec, _key(a.head)), model)(params, self._encode(texts)))
+        return np.asarray(self._run(self._program((a.spec, _key(a.head)), model), params, self._encode(texts)))
+
+    def _run(self, program, *args):
+        """Calls a program; after a call that compiled, hands the compiler's freed heap back, as
+        training does (MiniLM server, 3 input shapes, default allocator: 499-508 -> 437 MiB
+        resident after them, peak 507 -> 473 MiB)."""
+        before = self.compiles
+        out = program(*args)
+        if self.compiles != before:
+            host_memory.release_free_heap()
+        return out
 
     def predict_mixed(self, texts: Sequence[str], adapters: Sequence[str]) -> list[np.ndarray]:
         """One forward pass for a batch whose rows use different adapters; per-row logits."""
@@ -147,7 +157,7 @@ class AdapterServer:
                 self.compiles += 1
                 return backbone.apply({"params": p}, **backbone_inputs(backbone, {**b, "adapter_ids": adapter_ids}))
             self._programs[key] = forward_jit(run, dtype=self.backbone.model.dtype)
-        outputs = self._programs[key](params, batch, ids)
+        outputs = self._run(self._programs[key], params, batch, ids)
         logits = []
         for row, n in enumerate(adapters):
             a = self.adapters[n]

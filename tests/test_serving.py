@@ -28,8 +28,18 @@ def exports(tmp_path_factory):
     return out
 
 
-def test_swapping_adapters_does_not_recompile_and_mixed_batches_match(exports):
+def test_swapping_adapters_does_not_recompile_and_mixed_batches_match(exports, monkeypatch):
     import jax
+
+    from adapters_jax import host_memory
+    trims = []
+    release = host_memory.release_free_heap
+
+    def counting():  # wraps the real trim, to see that it follows each compile and nothing else
+        trims.append(1)
+        return release()
+
+    monkeypatch.setattr(host_memory, "release_free_heap", counting)
     server = AdapterServer("tiny-random-bert", max_length=32)
     base_leaves = jax.tree_util.tree_leaves(server.base)
     server.load(exports["pos"])
@@ -41,6 +51,7 @@ def test_swapping_adapters_does_not_recompile_and_mixed_batches_match(exports):
     lb = server.predict(TEXTS, "neg")
     la2 = server.predict(TEXTS, "pos")
     assert server.compiles == 1  # same architecture: one program for both adapters
+    assert len(trims) == 1  # the compile's freed heap is handed back once, not on every call
     np.testing.assert_array_equal(la, la2)
     assert not np.allclose(la, lb)
     which = ["pos", "neg", "neg", "pos", "neg"]
@@ -48,6 +59,7 @@ def test_swapping_adapters_does_not_recompile_and_mixed_batches_match(exports):
     for row, name in enumerate(which):
         want = la[row] if name == "pos" else lb[row]
         np.testing.assert_allclose(mixed[row], want, atol=1e-5)
+    assert (server.compiles, len(trims)) == (2, 2)
 
 
 def test_exports_for_another_base_or_with_pickles_are_refused(exports, tmp_path):
