@@ -101,13 +101,15 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str = "cla
         batch leave idle between them (see README, Performance).
       skip_nonfinite: on a NaN/inf loss or gradient keep the old state (metrics['nonfinite']=1)
         instead of applying the update.
-      axis_name: the pmap axis to average gradients over (None under jit, where XLA's SPMD
+      axis_name: the pmap axis to combine gradients over (None under jit, where XLA's SPMD
         partitioner inserts the reductions itself).
-      regularizer: params -> scalar added to the loss (AdapterFusion's value regularizer).
+      regularizer: params -> scalar added to the loss (AdapterFusion's value regularizer), once
+        per step.
 
     Split batches give the whole batch's weighted mean loss and gradient: each part's sum
     over its weights is added up and divided by the total weight, so parts holding padding
-    rows (weight 0) or fewer tokens count for what they hold.
+    rows (weight 0) or fewer tokens count for what they hold. Under pmap each device's share is
+    such a part (its sums are psum-ed), as under jit, where the batch is one mean.
     """
     if accum_steps < 1 or streams < 1:
         raise ValueError(f"accum_steps={accum_steps} and streams={streams} must be >= 1")
@@ -146,10 +148,12 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str = "cla
         return jax.lax.scan(body, zero, (split, jax.random.split(rng, accum_steps)))[0]
 
     def micro(trainable, frozen, batch, rng):
-        if accum_steps == 1 and streams == 1:
+        if accum_steps == 1 and streams == 1 and axis_name is None:
             (loss, _), grads = grad_fn(trainable, frozen, batch, rng)
         else:
             loss, weight, grads = (summed if accum_steps == 1 else accumulated)(trainable, frozen, batch, rng)
+            if axis_name is not None:  # pmap: the whole batch's sums, so that each device counts for its weight
+                loss, weight, grads = jax.lax.psum((loss, weight, grads), axis_name)
             d = jnp.maximum(weight, 1.0)
             loss, grads = loss / d, jax.tree_util.tree_map(lambda g: g / d, grads)
         if regularizer is not None:  # once per step, on the parameters alone
@@ -161,9 +165,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *, task: str = "cla
         rng, step_rng = jax.random.split(state.rng)
         if axis_name is not None:  # different dropout masks on each device
             step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
-        loss, grads = micro(state.trainable, state.frozen, batch, step_rng)
-        if axis_name is not None:
-            loss, grads = jax.lax.pmean((loss, grads), axis_name)
+        loss, grads = micro(state.trainable, state.frozen, batch, step_rng)  # the same on every device
         params = peft.merge(state.trainable, state.frozen)
         # Frozen leaves stand in for their own (never computed) gradients: set_to_zero ignores them.
         updates, opt_state = tx.update(peft.merge(grads, state.frozen), state.opt_state, params)
