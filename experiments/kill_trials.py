@@ -32,7 +32,8 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 def _cmd(config: str, workdir: str, steps: int, ckpt_every: int) -> list:
     return [sys.executable, "-m", "experiments.train", f"--config={config}", f"--workdir={workdir}",
             f"--config.train.num_steps={steps}", f"--config.train.ckpt_every={ckpt_every}",
-            f"--config.train.log_every={ckpt_every}", "--config.train.max_to_keep=2"]
+            f"--config.train.log_every={ckpt_every}", "--config.train.max_to_keep=2",
+            "--config.train.async_checkpoint=true"]  # the harder case: a save still writing as steps run
 
 
 def _env() -> dict:
