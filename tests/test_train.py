@@ -89,6 +89,33 @@ def test_attention_backward_recompute_trains_to_the_same_adapters(tmp_path):
         np.testing.assert_allclose(results["recompute"][k], results["keep"][k], atol=1e-5, err_msg=k)
 
 
+def test_each_train_shape_compiles_once(tmp_path):
+    """The loop compiles a new batch shape ahead of its first step (to trim the compiler's heap
+    before the step's activations); jit's cache must then reuse that executable, not compile
+    the step again when it is called. Read from JAX's own compile log, whose lines name the
+    shapes: no shape may compile twice."""
+    import logging
+
+    from adapters_jax import train_loop
+    config = importlib.import_module("configs.houlsby_r64").get_config("smoke")
+    config.train.num_steps = 3
+    compiles = []
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Compiling jit(train_step) with global shapes"):
+                compiles.append(record.getMessage())
+
+    handler = Count()
+    logging.getLogger("jax").addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            train_loop.train_and_evaluate(config, str(tmp_path))
+    finally:
+        logging.getLogger("jax").removeHandler(handler)
+    assert compiles and len(set(compiles)) == len(compiles), compiles
+
+
 def test_training_keeps_no_host_copy_of_the_base(tmp_path, monkeypatch):
     """Once the train state is on the device, the loop holds the base only there: while it
     evaluates, no loaded backbone still holds its host arrays, and one array (the state's) holds
