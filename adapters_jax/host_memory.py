@@ -15,6 +15,8 @@ import functools
 import resource
 import sys
 
+import numpy as np
+
 
 @functools.lru_cache(maxsize=1)
 def _malloc_trim():
@@ -44,3 +46,34 @@ def peak_rss_mib() -> float:
     """The process's peak resident set so far, in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+class CompiledAhead:
+    """Calls `fn` (a jit or pmap function). A call whose last argument (the batch) has shapes not
+    seen before hands the free heap back (say, the last train step's temporaries), compiles
+    `fn` for them, hands the compiler's freed heap back, and only then runs: otherwise the
+    compiler's garbage is still resident under the first call's temporaries (default MiniLM
+    epoch: 954 -> 852-875 MiB at the train step's first call, 876-936 -> 774 MiB at the
+    evaluation's). jit's and pmap's own caches keep the executable: the call compiles nothing."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled_for = set()
+
+    def __call__(self, *args):
+        shapes = tuple((tuple(path), np.shape(x)) for path, x in _leaves_with_paths(args[-1]))
+        if shapes not in self.compiled_for:
+            self.compiled_for.add(shapes)
+            release_free_heap()  # e.g. the last train step's temporaries, before an eval compiles
+            self.fn.lower(*args).compile()
+            release_free_heap()
+        return self.fn(*args)
+
+    def lower(self, *args):
+        """`fn.lower`: for callers that time or keep the compiled program themselves."""
+        return self.fn.lower(*args)
+
+
+def _leaves_with_paths(tree):
+    import jax
+    return [(tuple(str(k) for k in path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)]

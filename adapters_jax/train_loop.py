@@ -207,17 +207,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
             _export(os.path.join(workdir, "adapter_best"), host(state), config, meta, 0, ev0)
     pending, t_log, last_log = [], time.perf_counter(), start
     t_loop = t_log  # train_s in the log: this session's loop time so far (compiles included)
-    compiled_for = set()  # batch shapes whose step is compiled
     try:
         for step in range(start + 1, total + 1):
             batch = next(data.train)
-            shapes = tuple((k, np.shape(v)) for k, v in sorted(batch.items()))
-            batch = put_batch(batch)
-            if shapes not in compiled_for:  # a new shape: compile it first and hand the compiler's freed heap
-                compiled_for.add(shapes)  # back, before the step's activations come on top of it
-                step_fn.lower(state, batch).compile()  # jit's and pmap's own caches keep it for the call
-                host_memory.release_free_heap()
-            state, m = step_fn(state, batch)
+            state, m = step_fn(state, put_batch(batch))  # a new shape compiles first (CompiledAhead)
             pending.append(m)  # device arrays: no host sync until the log step
             if step % tr.log_every == 0 or step == total or step % tr.ckpt_every == 0:  # never save unchecked
                 vals = get_metrics(pending)
@@ -351,7 +344,8 @@ def source_kwargs(config) -> dict:
 
 def make_steps(config, model, tx, state, train_rows: int = 0):
     """(step, eval, put_state, put_batch, get_metrics) for config.parallelism 'jit' or 'pmap'.
-    train_rows: the global train batch's leading dimension when it is not train.batch_size (packed rows)."""
+    train_rows: the global train batch's leading dimension when it is not train.batch_size (packed rows).
+    The step and eval compile each new batch shape before running it (host_memory.CompiledAhead)."""
     tr = config.train
     kw = dict(task=config.task, accum_steps=tr.accum_steps, streams=tr.get("streams", 1),
               skip_nonfinite=tr.skip_nonfinite)
@@ -360,8 +354,9 @@ def make_steps(config, model, tx, state, train_rows: int = 0):
         kw["regularizer"] = lambda params: fusion_regularization(params, setup.fusion_name)
     eval_step = trainer.make_eval_step(model, config.task)
     if config.parallelism == "pmap":
-        step = parallel.pmap_step(trainer.make_train_step(model, tx, axis_name=parallel.PMAP_AXIS, **kw))
-        ev = jax.pmap(eval_step)
+        step = host_memory.CompiledAhead(parallel.pmap_step(trainer.make_train_step(
+            model, tx, axis_name=parallel.PMAP_AXIS, **kw)))
+        ev = host_memory.CompiledAhead(jax.pmap(eval_step))
         return (step, lambda s, b: ev(s.trainable, s.frozen, b), parallel.replicate,
                 parallel.shard_for_pmap, lambda ms: _mean([jax.tree_util.tree_map(lambda x: x[0], m) for m in ms]))
     if config.parallelism != "jit":
@@ -379,10 +374,10 @@ def make_steps(config, model, tx, state, train_rows: int = 0):
     parallel.check_batch(tr.eval_batch_size, mesh, "train.eval_batch_size")
     sh = parallel.state_shardings(state, mesh, config.mesh.shard_frozen)
     dtype = DTYPES[config.model.dtype]
-    step = parallel.jit_step(trainer.make_train_step(model, tx, **kw), sh, mesh,
-                             compiler_options=compile_options.train_compiler_options(
-                                 dtype, tr.get("cpu_scheduler", "default")))
-    ev = compile_options.forward_jit(eval_step, dtype=dtype)
+    step = host_memory.CompiledAhead(parallel.jit_step(trainer.make_train_step(model, tx, **kw), sh, mesh,
+                                                       compiler_options=compile_options.train_compiler_options(
+                                                           dtype, tr.get("cpu_scheduler", "default"))))
+    ev = host_memory.CompiledAhead(compile_options.forward_jit(eval_step, dtype=dtype))
     return (step, lambda s, b: ev(s.trainable, s.frozen, b), lambda s: parallel.put_state(s, sh),
             lambda b: parallel.put_batch(b, mesh), _mean)
 

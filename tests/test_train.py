@@ -89,11 +89,11 @@ def test_attention_backward_recompute_trains_to_the_same_adapters(tmp_path):
         np.testing.assert_allclose(results["recompute"][k], results["keep"][k], atol=1e-5, err_msg=k)
 
 
-def test_each_train_shape_compiles_once(tmp_path):
-    """The loop compiles a new batch shape ahead of its first step (to trim the compiler's heap
-    before the step's activations); jit's cache must then reuse that executable, not compile
-    the step again when it is called. Read from JAX's own compile log, whose lines name the
-    shapes: no shape may compile twice."""
+def test_each_train_and_eval_shape_compiles_once(tmp_path):
+    """The loop compiles a new batch shape ahead of its first step or evaluation
+    (host_memory.CompiledAhead, to trim the compiler's heap before the activations); jit's cache
+    must then reuse that executable, not compile again when it is called. Read from JAX's own
+    compile log, whose lines name the shapes: no shape may compile twice."""
     import logging
 
     from adapters_jax import train_loop
@@ -103,7 +103,7 @@ def test_each_train_shape_compiles_once(tmp_path):
 
     class Count(logging.Handler):
         def emit(self, record):
-            if record.getMessage().startswith("Compiling jit(train_step) with global shapes"):
+            if record.getMessage().startswith(("Compiling jit(train_step) with", "Compiling jit(eval_step) with")):
                 compiles.append(record.getMessage())
 
     handler = Count()
@@ -113,7 +113,8 @@ def test_each_train_shape_compiles_once(tmp_path):
             train_loop.train_and_evaluate(config, str(tmp_path))
     finally:
         logging.getLogger("jax").removeHandler(handler)
-    assert compiles and len(set(compiles)) == len(compiles), compiles
+    assert len(set(compiles)) == len(compiles), compiles
+    assert {c.split(" with")[0] for c in compiles} == {"Compiling jit(train_step)", "Compiling jit(eval_step)"}
 
 
 def test_training_keeps_no_host_copy_of_the_base(tmp_path, monkeypatch):
