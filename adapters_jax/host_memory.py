@@ -15,6 +15,7 @@ import functools
 import resource
 import sys
 
+import jax
 import numpy as np
 
 
@@ -61,7 +62,8 @@ class CompiledAhead:
         self.compiled_for = set()
 
     def __call__(self, *args):
-        shapes = tuple((tuple(path), np.shape(x)) for path, x in _leaves_with_paths(args[-1]))
+        leaves, treedef = jax.tree_util.tree_flatten(args[-1])
+        shapes = (treedef, tuple(np.shape(x) for x in leaves))
         if shapes not in self.compiled_for:
             self.compiled_for.add(shapes)
             release_free_heap()  # e.g. the last train step's temporaries, before an eval compiles
@@ -72,8 +74,3 @@ class CompiledAhead:
     def lower(self, *args):
         """`fn.lower`: for callers that time or keep the compiled program themselves."""
         return self.fn.lower(*args)
-
-
-def _leaves_with_paths(tree):
-    import jax
-    return [(tuple(str(k) for k in path), x) for path, x in jax.tree_util.tree_leaves_with_path(tree)]
