@@ -139,3 +139,34 @@ def test_tuned_malloc_stops_refaulting_a_freed_step_block(mode):
 def test_unknown_malloc_mode_is_named():
     with pytest.raises(ValueError, match="--malloc='fast'"):
         host_malloc.child_env("fast")
+
+
+def test_fusions_are_counted_with_tuple_shapes_and_not_by_name():
+    from experiments.bench_executable_memory import count_fusions
+    hlo = """
+  %fusion.1 = f32[4,4]{1,0} fusion(f32[4,4]{1,0} %p0), kind=kLoop, calls=%fused_computation.1
+  %fusion.2 = (f32[4]{0}, f32[4]{0}) fusion(f32[4,4]{1,0} %fusion.1), kind=kInput, calls=%fused_computation.2
+  ROOT %tuple = (f32[4]{0}) tuple(f32[4]{0} %get-tuple-element.fusion.2)
+"""
+    assert count_fusions(hlo) == 2
+
+
+def test_layouts_name_the_flag():
+    from experiments.bench_executable_memory import parse_layout
+    assert parse_layout("2x1") == (2, 1)
+    with pytest.raises(ValueError, match="--layouts: '2x0'"):
+        parse_layout("2x0")
+
+
+def test_executable_memory_grows_with_fused_kernels(tmp_path):
+    """Two synthetic chains, each compiled in a fresh process: the longer one has more fused
+    kernels, and its executable holds memory that deleting it gives back (a measurement that
+    dropped the executable before its second reading would read the same twice)."""
+    import json
+    out = tmp_path / "em.json"
+    run = subprocess.run([sys.executable, "-m", "experiments.bench_executable_memory", "--methods=",
+                          "--chains=40,400", f"--out={out}"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    small, big = json.loads(out.read_text())["rows"]
+    assert big["fusions"] > 5 * small["fusions"] > 0
+    assert big["resident_mib"] - big["after_delete_mib"] > 10
