@@ -31,15 +31,20 @@ from absl import app, flags
 
 from experiments import host_malloc
 
-flags.DEFINE_string("methods", "houlsby,full", "train steps to compile (experiments.bench_steps.METHODS)")
-flags.DEFINE_string("model", "minilm", "minilm, bert-base or tiny")
-flags.DEFINE_integer("batch", 32, "batch size")
-flags.DEFINE_integer("seq", 128, "sequence length")
-flags.DEFINE_string("layouts", "2x1,1x2,1x1", "comma-separated STREAMSxACCUM_STEPS train-step layouts")
-flags.DEFINE_enum("cpu_scheduler", "memory", ["default", "memory"], "as train.cpu_scheduler")
-flags.DEFINE_string("chains", "250,1000", "comma-separated link counts of the synthetic chains ('' for none)")
-flags.DEFINE_string("out", "runs/bench_executable_memory.json", "JSON output (the PNG goes beside it)")
-flags.DEFINE_string("child", "", "internal: measure one program ('step:METHOD:SxA' or 'chain:N') and print its row")
+def _define_flags() -> None:
+    """The command line; defined only when run as a script, so that tests can import the helpers
+    below beside other experiments' flags (absl refuses a flag name defined twice)."""
+    flags.DEFINE_string("methods", "houlsby,full", "train steps to compile (experiments.bench_steps.METHODS)")
+    flags.DEFINE_string("model", "minilm", "minilm, bert-base or tiny")
+    flags.DEFINE_integer("batch", 32, "batch size")
+    flags.DEFINE_integer("seq", 128, "sequence length")
+    flags.DEFINE_string("layouts", "2x1,1x2,1x1", "comma-separated STREAMSxACCUM_STEPS train-step layouts")
+    flags.DEFINE_enum("cpu_scheduler", "memory", ["default", "memory"], "as train.cpu_scheduler")
+    flags.DEFINE_string("chains", "250,1000", "comma-separated link counts of the synthetic chains ('' for none)")
+    flags.DEFINE_string("out", "runs/bench_executable_memory.json", "JSON output (the PNG goes beside it)")
+    flags.DEFINE_string("child", "", "internal: measure one program ('step:METHOD:SxA' or 'chain:N') and print its row")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -201,4 +206,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
