@@ -49,6 +49,12 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def rss_mib() -> float:
+    """The process's resident set now (not its peak), in MiB, from /proc (Linux only)."""
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
 class CompiledAhead:
     """Calls `fn` (a jit or pmap function). A call whose last argument (the batch) has shapes not
     seen before hands the free heap back (say, the last train step's temporaries), compiles

@@ -22,7 +22,6 @@ import gc
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -46,12 +45,6 @@ def _define_flags() -> None:
 
 
 FLAGS = flags.FLAGS
-
-
-def rss_mib() -> float:
-    """The current resident set (not the peak), from /proc (Linux)."""
-    with open("/proc/self/status") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
 
 
 def count_fusions(hlo_text: str) -> int:
@@ -84,17 +77,12 @@ def chain(n: int):
 
 def train_step(method: str, layout: str):
     """The benchmark's train step for `method` (compiled as experiments.benchmark compiles it)."""
-    import jax
     import jax.numpy as jnp
-    from adapters_jax import trainer
-    from adapters_jax.compile_options import train_jit
-    from experiments.bench_steps import MODELS, build
+    from experiments.bench_steps import MODELS, build, single_device_step
     streams, accum = parse_layout(layout)
     model, tx, state, inputs, _, params = build(MODELS[FLAGS.model], method, jnp.float32, FLAGS.batch, FLAGS.seq)
     del params  # the state holds what the step reads
-    step = train_jit(trainer.make_train_step(model, tx, streams=streams, accum_steps=accum), dtype=jnp.float32,
-                     scheduler=FLAGS.cpu_scheduler, donate_argnums=(0,))
-    return step, (state, inputs)
+    return single_device_step(model, tx, jnp.float32, streams, accum, FLAGS.cpu_scheduler), (state, inputs)
 
 
 def measure(program: str) -> dict:
@@ -115,7 +103,7 @@ def measure(program: str) -> dict:
         jax.clear_caches()
         gc.collect()
         host_memory.release_free_heap()
-        return rss_mib()
+        return host_memory.rss_mib()
 
     before = settle()
     t = time.perf_counter()
@@ -129,13 +117,10 @@ def measure(program: str) -> dict:
 
 
 def run_child(program: str) -> dict:
+    from experiments.bench_steps import child_rows
     cmd = [sys.executable, "-m", "experiments.bench_executable_memory", f"--child={program}", f"--model={FLAGS.model}",
            f"--batch={FLAGS.batch}", f"--seq={FLAGS.seq}", f"--cpu_scheduler={FLAGS.cpu_scheduler}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=host_malloc.child_env("tuned"))
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode or not rows:
-        raise RuntimeError(f"measuring {program} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
-    return rows[-1]
+    return child_rows(cmd, f"measuring {program}", host_malloc.child_env("tuned"))[-1]
 
 
 def per_fusion_kib(rows: list[dict]) -> float | None:

@@ -3,8 +3,10 @@
 peak, PEFT-aware FLOP accounting and one method's benchmark row."""
 from __future__ import annotations
 
+import json
 import re
 import statistics
+import subprocess
 import time
 
 import jax
@@ -132,6 +134,22 @@ def build(cfg: BertConfig, method: str, dtype, batch: int, seq: int, frozen_dtyp
     return model, tx, state, inputs, labels, params
 
 
+def single_device_step(model, tx, dtype, streams: int = 1, accum_steps: int = 1, scheduler: str = "default"):
+    """The benchmarked one-device train step, built as training's jit path builds it (state donated)."""
+    return train_jit(trainer.make_train_step(model, tx, streams=streams, accum_steps=accum_steps), dtype=dtype,
+                     scheduler=scheduler, donate_argnums=(0,))
+
+
+def child_rows(cmd: list[str], what: str, env: dict) -> list[dict]:
+    """Runs a measuring child process with `env` and returns the JSON rows it printed; a failed or
+    silent child raises with `what` and the last line of its stderr."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not rows:
+        raise RuntimeError(f"{what} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return rows
+
+
 def bench(cfg: BertConfig, method: str, dtype, peak: float, batch: int, seq: int, steps: int,
           flops_only: bool = False, frozen_dtype=None, skip_unread_rows: bool = True, devices: int = 1,
           streams: int = 1, accum_steps: int = 1, scheduler: str = "default") -> dict:
@@ -151,8 +169,7 @@ def bench(cfg: BertConfig, method: str, dtype, peak: float, batch: int, seq: int
                                  shardings, mesh, compiler_options=train_compiler_options(dtype, scheduler))
         state, inputs = parallel.put_state(state, shardings), parallel.put_batch(inputs, mesh)
     else:
-        step = train_jit(trainer.make_train_step(model, tx, streams=streams, accum_steps=accum_steps), dtype=dtype,
-                         scheduler=scheduler, donate_argnums=(0,))
+        step = single_device_step(model, tx, dtype, streams, accum_steps, scheduler)
     t = time.perf_counter()
     compiled = step.lower(state, inputs).compile()
     compile_s = time.perf_counter() - t

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import textwrap
 import time
@@ -36,7 +35,7 @@ from adapters_jax.backbones import attention
 from adapters_jax.backbones.bert import BertConfig, BertModel
 from adapters_jax.compile_options import SCHEDULERS, describe, forward_jit
 from experiments import host_malloc
-from experiments.bench_steps import METHODS, MODELS, bench, matmul_peak
+from experiments.bench_steps import METHODS, MODELS, bench, child_rows, matmul_peak
 
 flags.DEFINE_string("methods", "full,head_only,houlsby,pfeiffer,parallel,compacter,lora,ia3,prefix,prompt",
                     "comma-separated methods")
@@ -94,11 +93,7 @@ def _step_options() -> dict:
 
 def _child_rows(cmd: list[str], what: str) -> list[dict]:
     """Runs a timed child process (with --malloc's settings) and returns the JSON rows it printed."""
-    out = subprocess.run(cmd, capture_output=True, text=True, env=host_malloc.child_env(FLAGS.malloc))
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode or not rows:
-        raise RuntimeError(f"{what} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
-    return rows
+    return child_rows(cmd, what, host_malloc.child_env(FLAGS.malloc))
 
 
 def adapterhub_rows(methods: list[str]) -> list[dict]:
